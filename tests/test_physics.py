@@ -1,0 +1,74 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scripts import physics
+
+
+def test_tse_closed_form_at_hand_computed_point():
+    # T1=800, T2=80, PD=70, TR=500, TE=15: 70 * (1 - e^-0.625) * e^-0.1875
+    expected = 70 * (1 - math.exp(-500 / 800)) * math.exp(-15 / 80)
+    assert expected == pytest.approx(26.9697, abs=1e-4)
+    assert physics.signal(np.float64(70), 800.0, 80.0, 500.0, 15.0) == pytest.approx(expected, rel=1e-12)
+
+
+def test_flair_closed_form_and_tse_limit():
+    pd, t1, t2, tr, te, ti = 90.0, 4000.0, 1500.0, 9000.0, 120.0, 2500.0
+    expected = pd * abs(1 - 2 * math.exp(-ti / t1) + math.exp(-tr / t1)) * math.exp(-te / t2)
+    assert physics.signal(np.float64(pd), t1, t2, tr, te, ti) == pytest.approx(expected, rel=1e-12)
+    # TI = 0 is the TSE equation exactly
+    tse = pd * (1 - math.exp(-tr / t1)) * math.exp(-te / t2)
+    assert physics.signal(np.float64(pd), t1, t2, tr, te, 0.0) == pytest.approx(tse, rel=1e-12)
+
+
+@pytest.mark.parametrize("t1", [900.0, 3500.0, 4500.0])
+def test_flair_nulls_tissue_at_t1_ln2_with_long_tr(t1):
+    ti = physics.null_inversion_time(t1)
+    assert ti == pytest.approx(t1 * math.log(2))
+    s = physics.signal(np.float64(100.0), t1, 100.0, tr=1e6, te=0.0, ti=ti)
+    assert s == pytest.approx(0.0, abs=1e-9)
+    # at finite TR the exact null shifts and still nulls the tissue
+    exact_ti = physics.null_inversion_time(t1, 9000.0)
+    assert physics.signal(np.float64(100.0), t1, 100.0, tr=9000.0, te=0.0, ti=exact_ti) == pytest.approx(0.0, abs=1e-9)
+    # while T1 ln 2 leaves exactly PD * exp(-TR/T1) of incomplete recovery
+    residual = physics.signal(np.float64(100.0), t1, 100.0, tr=9000.0, te=0.0, ti=t1 * math.log(2))
+    assert residual == pytest.approx(100.0 * math.exp(-9000.0 / t1), rel=1e-9)
+
+
+def test_numpy_and_torch_agree_and_background_is_zero():
+    rng = np.random.default_rng(0)
+    pd = rng.uniform(0, 100, (4, 5)).astype(np.float32)
+    t1 = rng.uniform(0, 5000, (4, 5)).astype(np.float32)
+    t2 = rng.uniform(0, 2500, (4, 5)).astype(np.float32)
+    pd[0], t1[0], t2[0] = 0.0, 0.0, 0.0  # background row: everything zero
+    t1[1, 0], t2[1, 1] = -5.0, 0.0  # nonsense relaxation times must not give NaN
+    for tr, te, ti in [(500.0, 15.0, 0.0), (9000.0, 100.0, 2500.0)]:
+        s_np = physics.signal(pd, t1, t2, tr, te, ti)
+        s_pt = physics.signal(torch.from_numpy(pd), torch.from_numpy(t1), torch.from_numpy(t2), tr, te, ti)
+        assert isinstance(s_np, np.ndarray) and isinstance(s_pt, torch.Tensor)
+        assert s_np.dtype == np.float32 and s_pt.dtype == torch.float32
+        np.testing.assert_allclose(s_np, s_pt.numpy(), rtol=1e-5, atol=1e-5)
+        assert np.isfinite(s_np).all() and torch.isfinite(s_pt).all()
+        np.testing.assert_array_equal(s_np[0], 0.0)
+
+
+def test_torch_signal_is_differentiable():
+    t1 = torch.tensor([800.0], requires_grad=True)
+    physics.signal(torch.tensor([70.0]), t1, torch.tensor([80.0]), 500.0, 15.0).sum().backward()
+    # dS/dT1 = -PD e^{-TE/T2} e^{-TR/T1} TR / T1^2
+    expected = -70 * math.exp(-15 / 80) * math.exp(-500 / 800) * 500 / 800**2
+    assert t1.grad.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_fixed_scales_round_trip_and_protocol_check():
+    maps = np.array([1000.0, 100.0, 80.0], dtype=np.float32).reshape(3, 1, 1)
+    scaled = physics.scale_maps(maps)
+    np.testing.assert_allclose(scaled.ravel(), [0.2, 0.04, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(physics.scale_maps(scaled, inverse=True), maps, rtol=1e-6)
+    params = np.array([[500.0, 15.0, 0.0], [4000.0, 100.0, 0.0], [9000.0, 120.0, 2500.0]])
+    np.testing.assert_allclose(physics.normalize_parameters(params)[2], [0.9, 0.6, 0.625])
+    assert physics.protocol_violations(params) == []
+    params[1, 1] = 250.0
+    assert physics.protocol_violations(params) == ["T2w TE = 250 ms is outside the training range [50, 160] ms"]
