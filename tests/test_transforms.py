@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from scripts import physics
+from scripts.transforms import (
+    ClipPercentiled,
+    MaskedMaxNormalized,
+    NormalizeParametersd,
+    RandRicianNoiseSNRd,
+    ScaleMapsd,
+    SynthesizeWeightedd,
+)
+
+
+def _maps(shape=(1, 24, 20, 6), seed=0):
+    """Channel-first T1/T2/PD maps (ms, ms, p.u.) with a box-shaped brain mask and zero background."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(shape, np.float32)
+    mask[:, 4:20, 3:17, 1:5] = 1
+    t1 = rng.uniform(700, 4800, shape).astype(np.float32) * mask
+    t2 = rng.uniform(65, 2200, shape).astype(np.float32) * mask
+    pd = rng.uniform(65, 100, shape).astype(np.float32) * mask
+    affine = torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0]))
+    return {k: MetaTensor(v, affine=affine) for k, v in {"T1": t1, "T2": t2, "PD": pd, "mask": mask}.items()}
+
+
+def test_clip_percentiles_use_only_in_mask_voxels():
+    mask = torch.zeros(1, 10, 10)
+    mask[0, :, :5] = 1
+    img = torch.zeros(1, 10, 10)
+    img[0, :, :5] = torch.arange(50, dtype=torch.float32).reshape(10, 5)  # in mask: 0..49
+    img[0, :, 5:] = 1000.0  # outliers outside the mask must not move the percentiles
+    out = ClipPercentiled("img", lower=10, upper=90)({"img": img, "mask": mask})["img"]
+    low, high = np.percentile(np.arange(50), [10, 90])
+    assert (low, high) == (4.9, 44.1)
+    assert out[0, :, :5].min().item() == pytest.approx(low) and out[0, :, :5].max().item() == pytest.approx(high)
+    np.testing.assert_allclose(out[0, :, 5:].numpy(), high, rtol=1e-6)  # clipped like the rest
+    assert out.shape == img.shape and out.dtype == torch.float32
+
+
+def test_clip_keeps_metadata_and_refuses_empty_mask():
+    d = _maps()
+    out = ClipPercentiled(["T1", "T2"])(d)
+    assert isinstance(out["T1"], MetaTensor) and torch.equal(out["T1"].affine, d["T1"].affine)
+    with pytest.raises(ValueError, match="mask is empty"):
+        ClipPercentiled("T1")({"T1": d["T1"], "mask": torch.zeros_like(d["mask"])})
+
+
+def test_synthesis_with_fixed_protocol_equals_physics():
+    d = _maps()
+    protocol = [[500.0, 15.0, 0.0], [4000.0, 100.0, 0.0], [9000.0, 120.0, 2500.0]]
+    out = SynthesizeWeightedd()({**d, "params": protocol})
+    for series, (tr, te, ti) in zip(physics.SERIES, protocol, strict=True):
+        expected = physics.signal(d["PD"].numpy(), d["T1"].numpy(), d["T2"].numpy(), tr, te, ti)
+        np.testing.assert_allclose(out[series].numpy(), expected, rtol=1e-5, atol=1e-4)  # float32 near FLAIR nulls
+        assert out[series].shape == (1, 24, 20, 6) and out[series].dtype == torch.float32
+        assert torch.equal(out[series].affine, d["T1"].affine)
+        assert torch.all(out[series][d["mask"] == 0] == 0)
+    assert torch.equal(out["params"], torch.tensor(protocol))
+
+
+def test_synthesis_samples_in_range_records_and_is_seeded():
+    d = _maps()
+    draws = []
+    for seed in (1, 1, 2):
+        t = SynthesizeWeightedd()
+        t.set_random_state(seed)
+        out = t(dict(d))
+        params = out["params"].numpy()
+        assert params.shape == (3, 3)
+        assert physics.protocol_violations(params) == []
+        np.testing.assert_allclose(out["T1w"].numpy(), physics.signal(d["PD"].numpy(), d["T1"].numpy(),
+                                   d["T2"].numpy(), *params[0]), rtol=1e-5)  # fmt: skip
+        draws.append(params)
+    np.testing.assert_array_equal(draws[0], draws[1])
+    assert not np.allclose(draws[0], draws[2])
+    narrow = {s: {p: (10.0, 10.0) if p != "TI" else (0.0, 0.0) for p in physics.SEQUENCE_PARAMETERS}
+              for s in physics.SERIES}  # fmt: skip
+    params = SynthesizeWeightedd(ranges=narrow)(dict(d))["params"]
+    assert torch.equal(params[:, :2], torch.full((3, 2), 10.0))
+
+
+def test_rician_noise_has_requested_snr():
+    img = torch.full((1, 64, 64, 16), 100.0)
+    mask = torch.ones_like(img)
+    t = RandRicianNoiseSNRd("img", snr_range=(50.0, 50.0))
+    t.set_random_state(0)
+    noisy = t({"img": img, "mask": mask})["img"]
+    # at SNR 50 the Rician bias is negligible: the magnitude's spread equals sigma = 100 / 50
+    assert noisy.std().item() == pytest.approx(2.0, rel=0.02)
+    assert noisy.mean().item() == pytest.approx(100.0, rel=0.001)
+    # pure-noise background is Rayleigh with mean sigma * sqrt(pi / 2), never negative
+    background = t({"img": torch.zeros_like(img), "mask": mask, "ref": img})["img"]
+    assert torch.all(background >= 0)
+    t2 = RandRicianNoiseSNRd("img", snr_range=(50.0, 50.0))
+    t2.set_random_state(0)
+    assert torch.equal(t2({"img": img, "mask": mask})["img"], noisy)
+
+
+def test_masked_max_norm_gives_one_in_mask():
+    d = _maps()
+    d["T1"][0, 0, 0, 0] = 1e6  # outside the mask: must not be the reference
+    out = MaskedMaxNormalized(["T1", "PD"])(d)
+    for key in ("T1", "PD"):
+        assert out[key][d["mask"] > 0].max().item() == pytest.approx(1.0)
+    assert out["T1"][0, 0, 0, 0].item() > 1.0
+    with pytest.raises(ValueError, match="no positive signal"):
+        MaskedMaxNormalized("T1")({"T1": torch.zeros(1, 4, 4), "mask": torch.ones(1, 4, 4)})
+
+
+def test_map_and_parameter_scaling():
+    maps = torch.tensor([5000.0, 250.0, 50.0]).reshape(3, 1, 1).expand(3, 2, 2)
+    scaled = ScaleMapsd("label")({"label": maps})["label"]
+    np.testing.assert_allclose(scaled[:, 0, 0].numpy(), [1.0, 0.1, 0.5])
+    back = ScaleMapsd("label", inverse=True)({"label": scaled})["label"]
+    np.testing.assert_allclose(back.numpy(), maps.numpy(), rtol=1e-6)
+    params = NormalizeParametersd("params")({"params": [[500.0, 10.0, 0.0]] * 3})["params"]
+    assert params.dtype == torch.float32
+    np.testing.assert_allclose(params[0].numpy(), [0.05, 0.05, 0.0], rtol=1e-6)
