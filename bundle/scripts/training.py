@@ -1,0 +1,97 @@
+"""Glue between the bundle configs and ignite: progress bar, metric history, protocol domain record."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
+from monai.handlers import CheckpointLoader, CheckpointSaver, from_engine
+
+from scripts import physics
+
+
+class LossProgressBar:
+    """tqdm progress bar over the iterations of each epoch, showing the running loss (rank 0 only)."""
+
+    def __init__(self, persist: bool = False) -> None:
+        self.persist = persist
+
+    def attach(self, engine: Engine) -> None:
+        loss = from_engine(["loss"], first=True)
+        ProgressBar(persist=self.persist).attach(engine, output_transform=lambda output: {"loss": loss(output)})
+
+
+class MetricsHistory:
+    """Append one CSV row per validation round: epoch, wall time since start, every metric.
+
+    A validator run by ``ValidationHandler`` carries the trainer's epoch in its own state.
+    """
+
+    def __init__(self, filename: str) -> None:
+        self.path = Path(filename)
+        self.start = time.time()
+
+    def attach(self, evaluator: Engine) -> None:
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, evaluator: Engine) -> None:
+        row = {"epoch": evaluator.state.epoch, "seconds": round(time.time() - self.start, 1)}
+        row.update({name: float(value) for name, value in sorted(evaluator.state.metrics.items())})
+        new = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+class ProtocolDomain:
+    """The TR/TE/TI ranges (ms) the model was trained on, saved inside its checkpoint.
+
+    Checkpoint savers store anything with ``state_dict``; inference reads the ranges back to warn
+    when a study's protocol lies outside them.
+    """
+
+    def __init__(self, ranges: dict | None = None) -> None:
+        self.ranges = {s: {p: list(v) for p, v in r.items()} for s, r in (ranges or physics.PROTOCOL_RANGES).items()}
+
+    def state_dict(self) -> dict:
+        return {"protocol_ranges": self.ranges}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ranges = state["protocol_ranges"]
+
+
+def resumable(
+    trainer: Engine,
+    checkpoint_dir: str,
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    best_model_saver: CheckpointSaver,
+    device: torch.device | str = "cpu",
+) -> Path | None:
+    """Make training survive a stop: save its full state every epoch and resume from the newest one.
+
+    Every epoch ``checkpoint_epoch=N.pt`` (network, optimizer, trainer epoch/iteration; only the
+    newest is kept) is written to ``checkpoint_dir``. If one is there at start, training continues
+    from it, and the best-metric record kept with ``model.pt`` is restored so that a resumed run only
+    replaces the best model with a better one. This is Python, not config, because the trainer
+    cannot appear in its own handler list in a bundle config. Returns the checkpoint resumed from.
+    """
+    state = {"model": network, "optimizer": optimizer, "trainer": trainer}
+    checkpoints = sorted(Path(checkpoint_dir).glob("checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[1]))
+    if checkpoints:
+        CheckpointLoader(str(checkpoints[-1]), state, map_location=device).attach(trainer)
+        best = Path(checkpoint_dir) / "model.pt"
+        if best.exists():
+            best_state = {"checkpointer": best_model_saver}
+            CheckpointLoader(str(best), best_state, strict=False, map_location=device).attach(trainer)
+    CheckpointSaver(checkpoint_dir, state, save_interval=1, n_saved=1).attach(trainer)
+    # the new saver keeps only its own newest file; drop the one resumed from once it is superseded
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: [p.unlink(missing_ok=True) for p in checkpoints])
+    return checkpoints[-1] if checkpoints else None
