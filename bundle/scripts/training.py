@@ -74,13 +74,14 @@ def resumable(
     optimizer: torch.optim.Optimizer,
     best_model_saver: CheckpointSaver,
     device: torch.device | str = "cpu",
+    save: bool = True,
 ) -> Path | None:
     """Make training survive a stop: save its full state every epoch and resume from the newest one.
 
     Every epoch ``checkpoint_epoch=N.pt`` (network, optimizer, trainer epoch/iteration; only the
     newest is kept) is written to ``checkpoint_dir``. If one is there at start, training continues
     from it, and the best-metric record kept with ``model.pt`` is restored so that a resumed run only
-    replaces the best model with a better one. This is Python, not config, because the trainer
+    replaces the best model with a better one. ``save=False`` (DDP ranks > 0) only resumes. This is Python, not config, because the trainer
     cannot appear in its own handler list in a bundle config. Returns the checkpoint resumed from.
     """
     state = {"model": network, "optimizer": optimizer, "trainer": trainer}
@@ -91,7 +92,8 @@ def resumable(
         if best.exists():
             best_state = {"checkpointer": best_model_saver}
             CheckpointLoader(str(best), best_state, strict=False, map_location=device).attach(trainer)
-    CheckpointSaver(checkpoint_dir, state, save_interval=1, n_saved=1).attach(trainer)
-    # the new saver keeps only its own newest file; drop the one resumed from once it is superseded
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: [p.unlink(missing_ok=True) for p in checkpoints])
+    if save:
+        CheckpointSaver(checkpoint_dir, state, save_interval=1, n_saved=1).attach(trainer)
+        # the new saver keeps only its own newest file; drop the one resumed from once it is superseded
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: [p.unlink(missing_ok=True) for p in checkpoints])
     return checkpoints[-1] if checkpoints else None
