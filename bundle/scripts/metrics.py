@@ -167,7 +167,9 @@ class MaskedMapMetric(RegressionMetric):
         inspect.signature(self.metric_fn).bind(None, None, None, **metric_kwargs)  # fail at config time, not later
         self.metric_kwargs = metric_kwargs
         self.channel = channel
-        self.channel_reduction = None if channel_reduction is None else look_up_option(channel_reduction, ("sum", "mean"))
+        self.channel_reduction = (
+            None if channel_reduction is None else look_up_option(channel_reduction, ("sum", "mean"))
+        )
 
     def _check_shape(self, y_pred: torch.Tensor, y: torch.Tensor) -> None:
         split_target_mask(y_pred, y)

@@ -75,16 +75,19 @@ def resumable(
     best_model_saver: CheckpointSaver,
     device: torch.device | str = "cpu",
     save: bool = True,
+    extra_state: dict | None = None,
 ) -> Path | None:
     """Make training survive a stop: save its full state every epoch and resume from the newest one.
 
     Every epoch ``checkpoint_epoch=N.pt`` (network, optimizer, trainer epoch/iteration; only the
     newest is kept) is written to ``checkpoint_dir``. If one is there at start, training continues
     from it, and the best-metric record kept with ``model.pt`` is restored so that a resumed run only
-    replaces the best model with a better one. ``save=False`` (DDP ranks > 0) only resumes. This is Python, not config, because the trainer
-    cannot appear in its own handler list in a bundle config. Returns the checkpoint resumed from.
+    replaces the best model with a better one. ``save=False`` (DDP ranks > 0) only resumes;
+    ``extra_state`` adds objects to the saved state (e.g. a GAN's discriminator). This is Python, not
+    config, because the trainer cannot appear in its own handler list in a bundle config.
+    Returns the checkpoint resumed from.
     """
-    state = {"model": network, "optimizer": optimizer, "trainer": trainer}
+    state = {"model": network, "optimizer": optimizer, "trainer": trainer, **(extra_state or {})}
     checkpoints = sorted(Path(checkpoint_dir).glob("checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[1]))
     if checkpoints:
         CheckpointLoader(str(checkpoints[-1]), state, map_location=device).attach(trainer)

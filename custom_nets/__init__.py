@@ -1,0 +1,5 @@
+"""Networks of the pdpe-qmri bundle."""
+
+from .pdpenet import PDPENet
+
+__all__ = ["PDPENet"]
