@@ -1,0 +1,114 @@
+"""The bundle's training configs run for real on a tiny generated cohort."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIGS, REPO, TINY_TRAINING
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from scripts import physics
+
+TRAIN = str(CONFIGS / "train.json")
+META = str(CONFIGS / "metadata.json")
+
+
+def _workflow(config_file, cohort, tmp_path, **overrides):
+    return ConfigWorkflow(
+        config_file=config_file,
+        meta_file=META,
+        workflow_type="train",
+        dataset_dir=str(cohort),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "runs"),
+        **{**TINY_TRAINING, **overrides},
+    )
+
+
+def _run(workflow):
+    workflow.initialize()
+    assert workflow.check_properties() in (None, [])  # the properties MONAI requires of a train workflow
+    workflow.run()
+    workflow.finalize()
+
+
+def test_preprocessing_pipeline_runs_from_json(tiny_cohort):
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"dataset_dir": str(tiny_cohort), **TINY_TRAINING})
+    datalist = parser.get_parsed_content("train#datalist")
+    samples = parser.get_parsed_content("train#preprocessing")(datalist[0])
+    assert len(samples) == TINY_TRAINING["slices_per_volume"]
+    for s in samples:
+        assert s["image"].shape == (3, 64, 64) and s["image"].dtype == torch.float32
+        assert s["label"].shape == (4, 64, 64)  # T1, T2, PD targets + brain mask
+        assert s["mask"].shape == (1, 64, 64) and s["mask"].sum() > 0
+        assert torch.equal(s["label"][3:], s["mask"])
+        # every slice holds brain: normalised images are ~1 at most in the mask, targets on fixed scales
+        inside = s["mask"][0] > 0
+        assert 0 < s["image"][:, inside].max() <= 1.5
+        t1_ms = s["label"][0][inside] * physics.MAP_SCALE[0]
+        assert 500 < t1_ms.median() < 5000
+        protocol = s["params"].numpy() * np.array(physics.PARAMETER_SCALE)
+        assert physics.protocol_violations(protocol) == []
+
+
+def test_validation_pipeline_uses_fixed_protocol_on_whole_volumes(tiny_cohort):
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"dataset_dir": str(tiny_cohort), **TINY_TRAINING})
+    entry = parser.get_parsed_content("validate#datalist")[0]
+    first = parser.get_parsed_content("validate#preprocessing")(entry)
+    second = parser.get_parsed_content("validate#preprocessing")(entry)
+    assert first["image"].shape == (3, 56, 64, 24)
+    assert torch.equal(first["image"], second["image"])  # same protocol every epoch
+    np.testing.assert_allclose(first["params"].numpy() * physics.PARAMETER_SCALE, entry["params"], rtol=1e-6)
+
+
+def test_train_one_epoch_then_resume(tiny_cohort, tmp_path):
+    workflow = _workflow(TRAIN, tiny_cohort, tmp_path, epochs=1)
+    _run(workflow)
+    models = tmp_path / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]
+    best = torch.load(models / "model.pt", weights_only=False)
+    assert best["protocol"]["protocol_ranges"]["FLAIR"]["TI"] == [1500.0, 3200.0]
+    assert set(best["model"]) == set(workflow.parser.get_parsed_content("network").state_dict())
+
+    resumed = _workflow(TRAIN, tiny_cohort, tmp_path, epochs=2)
+    _run(resumed)
+    assert resumed.parser.get_parsed_content("train#trainer").state.epoch == 2
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=2.pt", "model.pt"]
+    with open(tmp_path / "runs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # epoch 1 was not trained again
+    assert all(np.isfinite(float(r["val_psnr_sum"])) for r in rows)
+
+
+@pytest.mark.parametrize("baseline", ["train_unet.json", "train_pgan.json"])
+def test_baselines_train_one_epoch(baseline, tiny_cohort, tmp_path):
+    workflow = _workflow([TRAIN, str(CONFIGS / baseline)], tiny_cohort, tmp_path, epochs=1)
+    _run(workflow)
+    network = workflow.parser.get_parsed_content("network")
+    assert network.embed_parameters == (baseline != "train_unet.json")
+    assert (tmp_path / "models" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_multi_gpu_config_runs_two_gloo_processes(tiny_cohort, tmp_path):
+    overrides = [f"--{k}={json.dumps(v)}" for k, v in TINY_TRAINING.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run", "training",
+           "--config_file", json.dumps([TRAIN, str(CONFIGS / "multi_gpu_train.json")]),
+           "--meta_file", META, "--dataset_dir", str(tiny_cohort), "--ckpt_dir", str(tmp_path / "models"),
+           "--output_dir", str(tmp_path / "runs"), "--epochs", "1", "--volumes_per_batch", "1", *overrides]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]
+    with open(tmp_path / "runs" / "metrics.csv") as f:
+        assert len(list(csv.DictReader(f))) == 1  # rank 0 alone writes
