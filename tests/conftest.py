@@ -15,6 +15,7 @@ TINY_VOXEL_SIZE = (4.0, 4.0, 8.0)
 #: Overrides that make the bundle's configs train on the tiny cohort in seconds.
 TINY_TRAINING = {
     "spatial_size": [64, 64],
+    "network_pixdim": [4.0, 4.0, 0.0],
     "network_def#channels": [8, 16, 32],
     "network_def#embed_dim": 8,
     "slices_per_volume": 2,

@@ -71,10 +71,13 @@ def null_inversion_time(t1, tr=None):
     return t1 * (np.log(2.0) - xp.log(1.0 + xp.exp(-tr / t1)))
 
 
-def normalize_parameters(params):
-    """(..., 3) TR/TE/TI in ms -> the network's fixed-scale parameters."""
-    scale = PARAMETER_SCALE if _backend(params) is np else torch.tensor(PARAMETER_SCALE, dtype=params.dtype)
-    return params / scale
+def normalize_parameters(params, inverse: bool = False):
+    """(..., 3) TR/TE/TI in ms -> the network's fixed-scale parameters (or back)."""
+    if _backend(params) is np:
+        scale = np.asarray(PARAMETER_SCALE)
+    else:
+        scale = torch.tensor(PARAMETER_SCALE, dtype=params.dtype, device=params.device)
+    return params * scale if inverse else params / scale
 
 
 def scale_maps(maps, inverse: bool = False, channel_dim: int = 0):
@@ -86,6 +89,16 @@ def scale_maps(maps, inverse: bool = False, channel_dim: int = 0):
     else:
         scale = torch.tensor(MAP_SCALE, dtype=maps.dtype, device=maps.device).reshape(shape)
     return maps * scale if inverse else maps / scale
+
+
+def protocol_bounds(ranges=None) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) arrays of shape (3, 3): rows in SERIES order, columns TR/TE/TI (ms)."""
+    ranges = PROTOCOL_RANGES if ranges is None else ranges
+    low = np.array([[ranges[s][p][0] for p in SEQUENCE_PARAMETERS] for s in SERIES], dtype=float)
+    high = np.array([[ranges[s][p][1] for p in SEQUENCE_PARAMETERS] for s in SERIES], dtype=float)
+    if (low > high).any():
+        raise ValueError(f"every range must be (low, high) with low <= high, got {ranges}")
+    return low, high
 
 
 def protocol_violations(params, ranges=None) -> list[str]:

@@ -64,7 +64,8 @@ class ClipPercentiled(MapTransform):
 class SynthesizeWeightedd(RandomizableTransform, MapTransform):
     """Synthesise T1w, T2w and FLAIR images from T1/T2/PD maps with the signal equations of ``physics``.
 
-    The protocol is a (3, 3) array of (TR, TE, TI) in ms, one row per series in ``physics.SERIES`` order.
+    The protocol is a (3, 3) array of (TR, TE, TI) in ms, one row per series in ``physics.SERIES`` order
+    (``output_keys`` name the synthesised images in that order).
     If the data dict already holds one under ``params_key`` (a fixed protocol, e.g. a validation or an
     out-of-range test entry) it is used as is; otherwise each parameter is drawn uniformly from
     ``ranges`` (default: the training ranges, ``physics.PROTOCOL_RANGES``). The protocol used is
@@ -84,11 +85,7 @@ class SynthesizeWeightedd(RandomizableTransform, MapTransform):
             raise ValueError(f"keys must name the T1, T2 and PD maps in that order, got {self.keys}")
         self.output_keys = tuple(output_keys)
         self.params_key = params_key
-        ranges = physics.PROTOCOL_RANGES if ranges is None else ranges
-        self.low = np.array([[ranges[s][p][0] for p in physics.SEQUENCE_PARAMETERS] for s in self.output_keys])
-        self.high = np.array([[ranges[s][p][1] for p in physics.SEQUENCE_PARAMETERS] for s in self.output_keys])
-        if (self.low > self.high).any():
-            raise ValueError(f"every range must be (low, high) with low <= high, got {ranges}")
+        self.low, self.high = physics.protocol_bounds(ranges)
         self.protocol = self.low
 
     def randomize(self, data=None) -> None:
