@@ -1,19 +1,24 @@
 """MONAI dictionary transforms of the PDPE-Net pipeline (METHOD §2), declared in the bundle configs.
 
 Only what MONAI lacks lives here: masked percentile clipping, signal-equation synthesis with random
-protocols, Rician noise at a given SNR, masked max normalisation and the fixed scalings of maps and
-sequence parameters. Cropping/padding, flips, zoom, bias field and misregistration are MONAI's own
+protocols, Rician noise at a given SNR, masked max normalisation, the fixed scalings of maps and
+sequence parameters, and for study inference the brain mask and the physics QA residual.
+Cropping/padding, flips, zoom, bias field and misregistration are MONAI's own
 transforms, used directly in the configs.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable, Mapping, Sequence
+from functools import lru_cache
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, RandomizableTransform
+from monai.data import MetaTensor
+from monai.transforms import Compose, LoadImage, MapTransform, RandomizableTransform, ResampleToMatch
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 from monai.utils import convert_to_tensor
 
@@ -182,4 +187,102 @@ class NormalizeParametersd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = physics.normalize_parameters(torch.as_tensor(d[key], dtype=torch.float32))
+        return d
+
+
+class BrainMaskd(MapTransform):
+    """Brain mask of the T1w image in ``keys`` into ``mask_key``: deepbet, or the user's own mask file.
+
+    deepbet (MIT, PyPI) ships its TorchScript weights inside the wheel, so skull stripping runs offline,
+    in seconds on a CPU. A user mask (NIfTI) is resampled (nearest) onto the image grid. The method used,
+    and whether the input looked skull-stripped already (almost no signal outside the brain mask), go to
+    ``info_key`` as a sentence for the report; the seconds spent go to ``seconds_key``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "T1w",
+        mask_key: str = "mask",
+        mask_file: str | None = None,
+        info_key: str = "mask_info",
+        seconds_key: str = "mask_seconds",
+        stripped_fraction: float = 0.02,
+    ) -> None:
+        super().__init__(keys)
+        self.mask_key, self.mask_file, self.info_key, self.seconds_key = mask_key, mask_file, info_key, seconds_key
+        self.stripped_fraction = stripped_fraction
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        start = time.perf_counter()
+        (key,) = self.keys
+        img = convert_to_tensor(d[key], track_meta=True, dtype=torch.float32)
+        if self.mask_file:
+            user_mask = LoadImage(image_only=True, ensure_channel_first=True)(self.mask_file)
+            mask = ResampleToMatch(mode="nearest")(user_mask, img) > 0.5
+            info = f"user mask {self.mask_file}"
+        else:
+            mask = torch.from_numpy(_deepbet_mask(img[0].numpy(), np.asarray(img.affine)))[None]
+            info = "deepbet"
+        mask = MetaTensor(mask.to(torch.float32), affine=img.affine, meta=dict(img.meta))
+        if not mask.any():
+            raise ValueError(f"the brain mask ({info}) is empty")
+        support = torch.as_tensor(img) > 0
+        outside = (support & (torch.as_tensor(mask) == 0)).sum() / support.sum().clamp(min=1)
+        if outside < self.stripped_fraction:
+            info += f"; the input looks skull-stripped already ({100 * float(outside):.1f} % of its signal outside)"
+        d[self.mask_key], d[self.info_key] = mask, info
+        d[self.seconds_key] = time.perf_counter() - start
+        return d
+
+
+@lru_cache(maxsize=1)
+def _deepbet():
+    from deepbet.bet import BrainExtraction  # imports torch models: only when a mask is needed
+
+    return BrainExtraction(no_gpu=not torch.cuda.is_available())
+
+
+def _deepbet_mask(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """deepbet's brain mask (bool) of a T1w volume on its own grid (deepbet reorients internally)."""
+    _, mask, _ = _deepbet().run(nib.Nifti1Image(volume, affine))
+    return np.asarray(mask.dataobj) > 0
+
+
+class ResynthesisResiduald(MapTransform):
+    """Physics QA: re-synthesise the weighted images from the predicted maps with the study's own protocol.
+
+    ``keys`` holds predicted maps as network targets (``physics.MAP_SCALE``), ``params_key`` the protocol
+    as the network saw it (``physics.PARAMETER_SCALE``). The re-synthesised T1w/T2w/FLAIR are clipped
+    and max-normalised in the mask exactly as the inputs were, and ``residual_key`` gets
+    (re-synthesised - input) per series: a consistent prediction explains its own inputs.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        image_key: str = "image",
+        params_key: str = "params",
+        mask_key: str = "mask",
+        residual_key: str = "residual",
+    ) -> None:
+        super().__init__(keys)
+        self.image_key, self.params_key, self.mask_key, self.residual_key = (
+            image_key,
+            params_key,
+            mask_key,
+            residual_key,
+        )
+        self.normalize = Compose(
+            [ClipPercentiled("synth", mask_key=mask_key), MaskedMaxNormalized("synth", mask_key=mask_key)]
+        )
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        (key,) = self.keys
+        t1, t2, pd = physics.scale_maps(convert_to_tensor(d[key], track_meta=True), inverse=True)
+        protocol = physics.normalize_parameters(torch.as_tensor(d[self.params_key]), inverse=True).reshape(3, 3)
+        synth = torch.stack([physics.signal(pd, t1, t2, *(float(v) for v in row)) for row in protocol])
+        synth = self.normalize({"synth": synth, self.mask_key: d[self.mask_key]})["synth"]
+        d[self.residual_key] = synth - d[self.image_key]
         return d

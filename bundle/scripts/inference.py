@@ -1,0 +1,288 @@
+"""Study inference glue for ``configs/inference.json``: inputs, output folder, writing of every result.
+
+The pipeline itself (resampling, brain mask, normalisation, network, QA residual, inversion to the
+T1w grid) is declared in the config with MONAI transforms; this module reads the study before anything
+runs, guards the output folder and writes the maps, DICOM, QA and report once the evaluator is done.
+Bad input ends the run with one clear paragraph and exit status 1, not a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+
+from scripts import physics
+from scripts.study import StudyError, load_study
+
+LOG = logging.getLogger("scripts.inference")
+
+
+def fail(message: str):
+    """End the run with a one-paragraph error (exit status 1) instead of a traceback."""
+    raise SystemExit(f"pdpe-qmri error: {message}")
+
+
+class OutputFolder:
+    """Outputs go to a hidden staging folder beside ``path`` and move into place only when complete.
+
+    Checked when created (before the study is read): an existing, non-empty ``path`` is refused unless
+    ``overwrite``. A run that fails leaves no output folder behind that could pass for a complete one.
+    """
+
+    def __init__(self, path: str | None, overwrite: bool = False) -> None:
+        if not path:
+            fail("no output folder given: pass --output_dir <folder>.")
+        self.path = Path(path).resolve()
+        if self.path.exists() and not self.path.is_dir():
+            fail(f"{self.path} exists and is not a folder.")
+        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            fail(f"{self.path} is not empty; pass --overwrite true to replace its contents.")
+        self.staging = self.path.parent / f".{self.path.name}.partial"
+
+    def start(self) -> Path:
+        """A fresh, empty staging folder."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        return self.staging
+
+    def commit(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.staging.rename(self.path)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class StudyInputs:
+    """The T1w, T2w and FLAIR series of a study, read, selected and checked before anything runs.
+
+    Args:
+        study_dir: DICOM study folder (or BIDS NIfTI folder).
+        t1w_series, t2w_series, flair_series: optional choice by SeriesInstanceUID or SeriesNumber.
+        checkpoint: the model checkpoint; the TR/TE/TI ranges it was trained on are its validity domain.
+    """
+
+    def __init__(
+        self,
+        study_dir: str | None,
+        t1w_series: str | int | None = None,
+        t2w_series: str | int | None = None,
+        flair_series: str | int | None = None,
+        checkpoint: str | None = None,
+    ) -> None:
+        if not study_dir:
+            fail("no study given: pass --study_dir <folder with the DICOM files of the study>.")
+        start = time.perf_counter()
+        overrides = {"T1w": t1w_series, "T2w": t2w_series, "FLAIR": flair_series}
+        try:
+            self.chosen, self.reasons, self.all_series = load_study(study_dir, overrides)
+        except StudyError as err:
+            fail(str(err))
+        self.seconds = time.perf_counter() - start
+        self.protocol = np.array([[getattr(self.chosen[s], p.lower()) for p in physics.SEQUENCE_PARAMETERS]
+                                  for s in physics.SERIES])  # fmt: skip
+        self.ranges = _training_ranges(checkpoint)
+        self.warnings = [
+            f"{problem}: the model was not trained on this protocol; check the maps with care."
+            for problem in physics.protocol_violations(self.protocol, self.ranges)
+        ]
+        for warning in self.warnings:
+            LOG.warning(warning)
+
+    def data(self) -> list[dict]:
+        """One MONAI data dict: the three volumes (channel-first MetaTensors with RAS affines) and the protocol."""
+        item = {
+            name: MetaTensor(series.volume[None], affine=torch.as_tensor(series.affine, dtype=torch.float64))
+            for name, series in self.chosen.items()
+        }
+        item["params"] = torch.as_tensor(self.protocol, dtype=torch.float32)
+        return [item]
+
+
+def _training_ranges(checkpoint: str | None) -> dict:
+    """TR/TE/TI ranges saved with the model by ``ProtocolDomain``; the default ranges for older checkpoints."""
+    if checkpoint and Path(checkpoint).is_file():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if isinstance(saved, dict) and "protocol" in saved:
+            return saved["protocol"]["protocol_ranges"]
+    return physics.PROTOCOL_RANGES
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class StudyWriter:
+    """Ignite handler of the inference evaluator: writes every output of the one study it processes.
+
+    ``<out>/T1_map.nii.gz``, ``T2_map.nii.gz`` (ms), ``PD_map.nii.gz`` (p.u.), ``mask.nii.gz`` on the
+    T1w grid; ``qa/`` residual maps; ``dicom/`` Parametric Maps (DICOM input only); ``qa.png`` and
+    ``report.json`` (inputs, choices, model, warnings, QA, timings).
+
+    Args:
+        study: the study's inputs.
+        output: where to write.
+        model: checkpoint file and bundle metadata, for the report.
+        residual_warning: mean absolute QA residual (fraction of the mean input in the mask) above which
+            a series is flagged.
+    """
+
+    def __init__(
+        self,
+        study: StudyInputs,
+        output: OutputFolder,
+        checkpoint: str,
+        metadata: dict | None = None,
+        residual_warning: float = 0.15,
+    ) -> None:
+        self.study, self.output, self.checkpoint = study, output, Path(checkpoint)
+        self.metadata = metadata or {}
+        self.residual_warning = residual_warning
+        self.marks: dict[str, float] = {}
+
+    def attach(self, engine: Engine) -> None:
+        for event, name in [
+            (Events.STARTED, "started"),
+            (Events.GET_BATCH_STARTED, "batch_started"),
+            (Events.GET_BATCH_COMPLETED, "batch_completed"),
+            (Events.ITERATION_COMPLETED, "iteration_completed"),
+        ]:
+            engine.add_event_handler(event, self._mark, name)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
+
+    def _mark(self, _engine: Engine, name: str) -> None:
+        self.marks[name] = time.perf_counter()
+
+    def _failed(self, _engine: Engine, err: Exception) -> None:
+        self.output.discard()
+        raise err
+
+    def write(self, engine: Engine) -> None:
+        output, batch = engine.state.output[0], engine.state.batch[0]
+        start = time.perf_counter()
+        out = self.output.start()
+        affine = self.study.chosen["T1w"].affine
+        maps = _numpy(output["pred"])
+        mask = _numpy(batch["brain_mask"])[0] > 0
+        residual = _numpy(output["residual"])
+        for name, values, unit in zip(physics.MAPS, maps, physics.MAP_UNITS, strict=True):
+            _save_nifti(np.where(mask, values, 0.0), affine, out / f"{name}_map.nii.gz", f"{name} map ({unit})")
+        _save_nifti(mask.astype(np.uint8), affine, out / "mask.nii.gz", "brain mask")
+        qa = {}
+        for series, values in zip(physics.SERIES, residual, strict=True):
+            _save_nifti(np.where(mask, values, 0.0), affine, out / "qa" / f"residual_{series}.nii.gz",
+                        f"{series} resynthesised - input (normalised)")  # fmt: skip
+            qa[series] = self._qa_entry(series, values[mask])
+        qa_figure(_numpy(output["image"]), maps, residual, mask, out / "qa.png")
+        warnings = list(self.study.warnings) + [q["warning"] for q in qa.values() if "warning" in q]
+        timings = self._timings(batch, time.perf_counter() - start)
+        report = self._report(batch, qa, warnings, timings)
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        self.output.commit()
+        LOG.info("Wrote %s", self.output.path)
+
+    def _qa_entry(self, series: str, residual: np.ndarray) -> dict:
+        mean_abs = float(np.abs(residual).mean())
+        entry = {"mean_abs_residual": mean_abs, "rms_residual": float(np.sqrt((residual**2).mean()))}
+        if mean_abs > self.residual_warning:
+            entry["warning"] = (
+                f"{series}: the maps re-synthesise this series with a mean absolute residual of {mean_abs:.3f} "
+                f"(threshold {self.residual_warning}) of its normalised intensity; the maps do not explain it well."
+            )
+        return entry
+
+    def _timings(self, batch: dict, writing: float) -> dict:
+        m = self.marks
+        return {
+            "read_study_s": round(self.study.seconds, 3),
+            "preprocess_s": round(m["batch_completed"] - m["batch_started"], 3),
+            "of_which_brain_mask_s": round(float(batch["mask_seconds"]), 3),
+            "inference_and_postprocess_s": round(m["iteration_completed"] - m["batch_completed"], 3),
+            "write_s": round(writing, 3),
+        }
+
+    def _report(self, batch: dict, qa: dict, warnings: list[str], timings: dict) -> dict:
+        chosen = {s.uid: name for name, s in self.study.chosen.items()}
+        return {
+            "inputs": [
+                {
+                    "series_instance_uid": s.uid,
+                    "series_number": s.number,
+                    "description": s.description,
+                    "TR_ms": s.tr,
+                    "TE_ms": s.te,
+                    "TI_ms": s.ti,
+                    "used_as": chosen.get(s.uid),
+                    "problem": s.problem,
+                }
+                for s in self.study.all_series
+            ],
+            "selection": self.study.reasons,
+            "protocol_ms": {
+                s: dict(zip(physics.SEQUENCE_PARAMETERS, map(float, row), strict=True))
+                for s, row in zip(physics.SERIES, self.study.protocol, strict=True)
+            },  # fmt: skip
+            "model": {
+                "name": self.metadata.get("name"),
+                "version": self.metadata.get("version"),
+                "checkpoint": str(self.checkpoint),
+                "checkpoint_sha256": file_sha256(self.checkpoint),
+                "training_protocol_ranges_ms": self.study.ranges,
+            },
+            "brain_mask": str(batch["mask_info"]),
+            "units": dict(zip(physics.MAPS, physics.MAP_UNITS, strict=True)),
+            "qa": qa,
+            "warnings": warnings,
+            "timings": timings,
+        }
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _save_nifti(values: np.ndarray, affine: np.ndarray, path: Path, description: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(values.astype(values.dtype if values.dtype == np.uint8 else np.float32), affine)
+    image.header.set_xyzt_units("mm")
+    image.header["descrip"] = description[:79].encode()
+    nib.save(image, path)
+
+
+def qa_figure(images: np.ndarray, maps: np.ndarray, residual: np.ndarray, mask: np.ndarray, path: Path) -> None:
+    """Inputs, maps (with colour bars in their units) and QA residuals on the slice with the most brain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = int(mask.sum(axis=(0, 1)).argmax())
+    fig, axes = plt.subplots(3, 3, figsize=(11, 10.5), constrained_layout=True)
+    ranges = {"T1": (0, 4500), "T2": (0, 300), "PD": (0, 100)}
+    rows = [
+        [(f"{s} input (normalised)", images[c], "gray", (0, 1), "") for c, s in enumerate(physics.SERIES)],
+        [(f"{m} map", np.where(mask, maps[c], 0), "magma" if m != "PD" else "viridis", ranges[m], u)
+         for c, (m, u) in enumerate(zip(physics.MAPS, physics.MAP_UNITS, strict=True))],
+        [(f"{s} QA residual", np.where(mask, residual[c], 0), "RdBu_r", (-0.3, 0.3), "of input")
+         for c, s in enumerate(physics.SERIES)],
+    ]  # fmt: skip
+    for row_axes, row in zip(axes, rows, strict=True):
+        for ax, (title, volume, cmap, (low, high), unit) in zip(row_axes, row, strict=True):
+            shown = ax.imshow(volume[:, :, k].T, origin="lower", cmap=cmap, vmin=low, vmax=high)
+            ax.set_title(title)
+            ax.set_axis_off()
+            fig.colorbar(shown, ax=ax, shrink=0.8, label=unit)
+    fig.suptitle(f"pdpe-qmri: slice {k} of the T1w grid (re-synthesised minus input: near 0 is consistent)")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
