@@ -22,7 +22,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
 from scripts import physics
-from scripts.study import StudyError, load_study
+from scripts.study import StudyError, load_study, write_parametric_map
 
 LOG = logging.getLogger("scripts.inference")
 
@@ -185,12 +185,34 @@ class StudyWriter:
                         f"{series} resynthesised - input (normalised)")  # fmt: skip
             qa[series] = self._qa_entry(series, values[mask])
         qa_figure(_numpy(output["image"]), maps, residual, mask, out / "qa.png")
+        dicom = self._write_dicom(np.where(mask, maps, 0.0), out / "dicom")
         warnings = list(self.study.warnings) + [q["warning"] for q in qa.values() if "warning" in q]
         timings = self._timings(batch, time.perf_counter() - start)
-        report = self._report(batch, qa, warnings, timings)
+        report = {**self._report(batch, qa, warnings, timings), "dicom": dicom}
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         self.output.commit()
         LOG.info("Wrote %s", self.output.path)
+
+    def _write_dicom(self, maps: np.ndarray, folder: Path) -> list[str] | str:
+        """One Parametric Map per map in the T1w series' study and frame of reference (DICOM input only)."""
+        source = self.study.chosen["T1w"]
+        if not source.datasets:
+            return "not written: the input is NIfTI, so there is no DICOM study to add the maps to"
+        folder.mkdir()
+        version = f"pdpe-qmri {self.metadata.get('version', '')}".strip()
+        written = []
+        for k, (name, values) in enumerate(zip(physics.MAPS, maps, strict=True), start=1):
+            path = write_parametric_map(
+                values.astype(np.float32),
+                source,
+                folder / f"{name}_map.dcm",
+                quantity=name,
+                series_number=(source.number or 0) * 100 + k,
+                series_description=f"PDPE-Net {name} map",
+                software_version=version,
+            )
+            written.append(str(path.relative_to(folder.parent)))
+        return written
 
     def _qa_entry(self, series: str, residual: np.ndarray) -> dict:
         mean_abs = float(np.abs(residual).mean())

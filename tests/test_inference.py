@@ -1,0 +1,170 @@
+"""Study inference end to end: DICOM (and BIDS) in, maps, DICOM Parametric Maps, QA and report out."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIGS, REPO
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from scripts import physics
+from scripts.sample_study import write_sample_study
+
+INFERENCE = str(CONFIGS / "inference.json")
+#: A network that answers T1 = 1000 ms, T2 = 500 ms and PD = 20 p.u. everywhere: the head's weights are
+#: zeroed and its biases set to softplus^-1 of these values on the network's fixed scales.
+CONSTANT_MAPS = (1000.0, 500.0, 20.0)
+TINY_NETWORK = {"spatial_size": [64, 64], "network_pixdim": [4.0, 4.0, 0.0], "network_def#channels": [8, 16, 32],
+                "network_def#embed_dim": 8}  # fmt: skip
+
+
+def _softplus_inverse(y: float) -> float:
+    return math.log(math.expm1(y))
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    return write_sample_study(tmp_path_factory.mktemp("sample"), seed=0, voxel_size=(2.0, 2.0, 6.0))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """Training-config override for a tiny network, and a checkpoint of it that predicts CONSTANT_MAPS."""
+    folder = tmp_path_factory.mktemp("model")
+    tiny = folder / "tiny.json"
+    tiny.write_text(json.dumps(TINY_NETWORK))
+    parser = ConfigParser(ConfigParser.load_config_files([CONFIGS / "train.json", CONFIGS / "train_cpu.json", tiny]))
+    network = parser.get_parsed_content("network_def")
+    state = network.state_dict()
+    state["head.0.conv.weight"].zero_()
+    state["head.0.conv.bias"][:] = torch.tensor(
+        [_softplus_inverse(v / s) for v, s in zip(CONSTANT_MAPS, physics.MAP_SCALE, strict=True)]
+    )
+    checkpoint = folder / "model.pt"
+    torch.save({"model": state, "protocol": {"protocol_ranges": physics.PROTOCOL_RANGES}}, checkpoint)
+    return {"training_configs": ["train.json", "train_cpu.json", str(tiny)], "ckpt_path": str(checkpoint)}
+
+
+def _infer(study_dir, output_dir, model, **overrides):
+    workflow = ConfigWorkflow(config_file=INFERENCE, workflow_type="infer", study_dir=str(study_dir),
+                              output_dir=str(output_dir), **model, **overrides)  # fmt: skip
+    workflow.initialize()
+    assert workflow.check_properties() in (None, [])
+    workflow.run()
+    workflow.finalize()
+    return json.loads((output_dir / "report.json").read_text())
+
+
+def test_dicom_study_gives_maps_in_physical_units_on_the_t1w_grid(sample, model, tmp_path):
+    out = tmp_path / "maps"
+    truth_mask = sample["truth"] / "mask.nii.gz"
+    report = _infer(sample["dicom"], out, model, mask=str(truth_mask))
+    truth = nib.load(truth_mask)
+    mask = truth.get_fdata() > 0
+    for name, expected in zip(physics.MAPS, CONSTANT_MAPS, strict=True):
+        image = nib.load(out / f"{name}_map.nii.gz")
+        np.testing.assert_allclose(image.affine, truth.affine, atol=1e-4)
+        values = image.get_fdata()
+        assert values.shape == truth.shape
+        np.testing.assert_allclose(values[mask], expected, rtol=1e-3)  # ms, ms, p.u. after scaling back
+        assert np.all(values[~mask] == 0)
+    assert np.array_equal(nib.load(out / "mask.nii.gz").get_fdata() > 0, mask)
+
+    protocol = json.loads((sample["truth"] / "protocol.json").read_text())["params"]
+    used = {i["used_as"]: [i["TR_ms"], i["TE_ms"], i["TI_ms"]] for i in report["inputs"]}
+    assert [used[s] for s in physics.SERIES] == protocol
+    assert report["warnings"] == [w for w in report["warnings"] if "residual" in w]  # protocol in range
+    assert report["brain_mask"].startswith("user mask")
+    assert set(report["qa"]) == set(physics.SERIES) and set(report["timings"]) >= {"read_study_s", "write_s"}
+    assert (out / "qa.png").stat().st_size > 10_000
+    assert all((out / "qa" / f"residual_{s}.nii.gz").exists() for s in physics.SERIES)
+    assert not (tmp_path / ".maps.partial").exists()
+
+    t1w_uid = next(i["series_instance_uid"] for i in report["inputs"] if i["used_as"] == "T1w")
+    for name, expected in zip(physics.MAPS, CONSTANT_MAPS, strict=True):
+        pm = hd.imread(out / "dicom" / f"{name}_map.dcm")
+        assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == t1w_uid
+        assert pm.SeriesInstanceUID != t1w_uid
+        mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+        assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == ("ms" if name != "PD" else "%")
+        values = pm.get_volume().array
+        assert values.max() == pytest.approx(expected, rel=1e-3) and values.min() == 0
+
+
+def test_deepbet_masks_the_sample_head(sample, model, tmp_path):
+    report = _infer(sample["dicom"], tmp_path / "maps", model)
+    assert report["brain_mask"] == "deepbet"
+    truth = nib.load(sample["truth"] / "mask.nii.gz").get_fdata() > 0
+    predicted = nib.load(tmp_path / "maps" / "mask.nii.gz").get_fdata() > 0
+    dice = 2 * (truth & predicted).sum() / (truth.sum() + predicted.sum())
+    assert dice > 0.9, f"deepbet Dice {dice:.3f} on the sample head"
+
+
+def test_bids_input_and_protocol_outside_training_ranges(sample, model, tmp_path):
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    protocol = json.loads((sample["truth"] / "protocol.json").read_text())["params"]
+    truth = {k: nib.load(sample["truth"] / f"{k}.nii.gz") for k in ("T1", "T2", "PD")}
+    maps = {k: v.get_fdata().astype(np.float32) for k, v in truth.items()}
+    for series, (tr, te, ti) in zip(physics.SERIES, protocol, strict=True):
+        signal = physics.signal(maps["PD"], maps["T1"], maps["T2"], tr, te, ti) + 1.0
+        nib.save(nib.Nifti1Image(signal, truth["T1"].affine), bids / f"sub-01_{series}.nii.gz")
+        sidecar = {"RepetitionTime": tr / 1000, "EchoTime": te / 1000} | ({"InversionTime": ti / 1000} if ti else {})
+        (bids / f"sub-01_{series}.json").write_text(json.dumps(sidecar))
+    narrow = torch.load(model["ckpt_path"], weights_only=False)
+    narrow["protocol"]["protocol_ranges"] = {**physics.PROTOCOL_RANGES, "T1w": {"TR": [200, 1200], "TE": [2, 8],
+                                                                                "TI": [0, 0]}}  # fmt: skip
+    torch.save(narrow, tmp_path / "narrow.pt")
+    report = _infer(bids, tmp_path / "maps", {**model, "ckpt_path": str(tmp_path / "narrow.pt")},
+                    mask=str(sample["truth"] / "mask.nii.gz"))  # fmt: skip
+    assert "T1w TE = 10 ms is outside the training range [2, 8] ms" in report["warnings"][0]
+    assert report["dicom"].startswith("not written")
+    assert report["model"]["training_protocol_ranges_ms"]["T1w"]["TE"] == [2, 8]
+    t1 = nib.load(tmp_path / "maps" / "T1_map.nii.gz").get_fdata()
+    np.testing.assert_allclose(t1[nib.load(sample["truth"] / "mask.nii.gz").get_fdata() > 0], 1000.0, rtol=1e-3)
+
+
+def _cli(study_dir, output_dir, *extra):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", INFERENCE,
+           "--study_dir", str(study_dir), "--output_dir", str(output_dir), *extra]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _assert_clean_failure(done, output_dir, *fragments):
+    assert done.returncode != 0
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("pdpe-qmri error:"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    for fragment in fragments:
+        assert fragment in message
+    assert not (output_dir.parent / f".{output_dir.name}.partial").exists()
+
+
+def test_cli_bad_inputs_fail_with_one_clear_paragraph(sample, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    done = _cli(empty, out)
+    _assert_clean_failure(done, out, str(empty), "empty")
+    assert not out.exists()
+
+    partial = tmp_path / "no_flair"
+    shutil.copytree(sample["dicom"], partial)
+    for folder in partial.rglob("*DARK-FLUID*"):
+        shutil.rmtree(folder)
+    done = _cli(partial, out)
+    _assert_clean_failure(done, out, "FLAIR", "t1_tse_tra", "t2_tse_tra")
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "T1_map.nii.gz").write_text("earlier result")
+    done = _cli(sample["dicom"], out)
+    _assert_clean_failure(done, out, str(out), "--overwrite")
+    assert (out / "T1_map.nii.gz").read_text() == "earlier result"
