@@ -99,8 +99,7 @@ FAMILIES = {
     "shepp_logan": "unseen anatomy: phantominator's 3D MR Shepp-Logan phantom (brain part)",
     "head": "subject with skull and scalp around the brain (source of the sample DICOM study)",
 }
-_FAMILY_KEYS = {"regular": 0, "lesion": 1, "protocol": 2, "head": 3}
-_VALIDATION_PROTOCOL_KEY = 99
+_FAMILY_KEYS = {"regular": 0, "lesion": 1, "protocol": 2, "head": 3, "validation_protocols": 99}
 
 
 @lru_cache(maxsize=1)
@@ -374,14 +373,18 @@ def _entry(subject_id: str) -> dict:
     return {**{key: f"{subject_id}/{key}.nii.gz" for key in _DESCRIPTIONS}, "subject": subject_id}
 
 
+def subject_rng(seed: int, family: str, index: int) -> np.random.Generator:
+    """The random generator of subject ``index`` of ``family`` in the cohort of ``seed``, e.g. ("head", 0)."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_FAMILY_KEYS[family], index)))
+
+
 def _write_job(job, out_dir: Path, seed: int, voxel_size) -> None:
     """Generate and write one subject; a job is (subject id, family key, index, make_subject options)."""
     subject_id, family, index, options = job
     if family == "shepp_logan":
         subject = shepp_logan_subject(voxel_size=voxel_size, **options)
     else:
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_FAMILY_KEYS[family], index)))
-        subject = make_subject(rng, voxel_size=voxel_size, **options)
+        subject = make_subject(subject_rng(seed, family, index), voxel_size=voxel_size, **options)
     write_subject(subject, out_dir / subject_id)
 
 
@@ -440,7 +443,8 @@ def generate_cohort(
         for k, job in enumerate(protocol)
     ]
     test += [test_entry(extra[0], "head"), test_entry(extra[1], "shepp_logan")]
-    validation_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_VALIDATION_PROTOCOL_KEY,)))
+    key = (_FAMILY_KEYS["validation_protocols"],)
+    validation_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
     datalist = {
         "description": "pdpe-qmri synthetic qMRI phantom cohort: deformed MNI152 subjects (nilearn) with T1/T2 "
         "(ms), PD (p.u.), brain mask and labels; see scripts/phantom.py",

@@ -1,0 +1,381 @@
+"""MR series from DICOM files: classic MR Image Storage (one file per slice) and Enhanced MR Image Storage.
+
+Files are read once in full, to catch truncated pixel data early, and kept header-only; pixels are decoded
+again only for the series a caller actually uses. Problems are sorted by what they break:
+
+- a file that does not parse, or whose pixel data are short, is skipped with a warning; if that leaves a
+  gap in its series, the series' geometry check names the file;
+- a missing or non-numeric TR/TE/TI, position or orientation, or an irregular slice stack, makes the whole
+  series unusable (``Series.problem``), which raises only if that series is selected;
+- images of another modality are skipped with a warning (a study may carry a CT or a screenshot).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID, EnhancedMRImageStorage, MRImageStorage
+
+from .errors import LOG, StudyError, tag_label
+from .series import Series
+
+#: DICOM patient coordinates are LPS+, nibabel's affines RAS+.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_MR_IMAGES = (MRImageStorage, EnhancedMRImageStorage)
+#: Image orientation cosines equal to this are the same orientation (scanners round them to ~6 digits).
+_ORIENTATION_TOL = 1e-3
+#: Consecutive slice steps may differ by this fraction of the step plus this many mm (IPP rounding).
+_SPACING_RTOL, _SPACING_ATOL = 0.01, 0.01
+
+
+@dataclass
+class _Frame:
+    """One 2D image of a series: a classic MR file, or one frame of an Enhanced MR file."""
+
+    path: Path
+    index: int  # frame in the file's pixel data (0 for a classic file)
+    position: np.ndarray  # ImagePositionPatient, LPS mm
+    orientation: np.ndarray  # ImageOrientationPatient: row cosines, column cosines
+    spacing: np.ndarray  # PixelSpacing: between rows, between columns (mm)
+    shape: tuple[int, int]  # Rows, Columns
+    timing: tuple[float, float, float]  # TR, TE, TI (ms)
+    rescale: tuple[float, float]  # slope, intercept
+    thickness: float | None  # SpacingBetweenSlices or SliceThickness: the step of a single-slice series
+
+
+def read_dicom_series(paths: list[Path]) -> tuple[list[Series], list[str]]:
+    """Group DICOM files into MR series; also return one note per skipped file (for a 'nothing found' error)."""
+    skipped: list[str] = []
+    non_mr: list[str] = []
+    dropped: dict[str | None, list[str]] = defaultdict(list)  # unreadable files, by series UID when known
+    groups: dict[str, dict[str, tuple[Path, Dataset]]] = defaultdict(dict)
+    for path in paths:
+        try:
+            ds = _read_header(path)
+            sop_class, modality = UID(str(ds.get("SOPClassUID", ""))), str(ds.get("Modality", ""))
+            if modality in ("MR", "") and sop_class in _MR_IMAGES:
+                series_uid, instance = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+        except Exception as err:  # noqa: BLE001 - pydicom raises many types on corrupt input; each is "unreadable"
+            note = f"{path}: unreadable ({err})"
+            series_uid = getattr(err, "series_uid", None)
+            LOG.warning("Skipped %s", note)
+            skipped.append(note)
+            dropped[series_uid].append(note)
+            continue
+        if modality not in ("MR", ""):
+            non_mr.append(f"{path}: {tag_label('Modality')} = '{modality}' ({sop_class.name or sop_class}), not MR")
+            continue
+        if sop_class not in _MR_IMAGES:
+            LOG.debug("Skipped %s: %s is not an MR image", path, sop_class.name or sop_class)
+            skipped.append(f"{path}: {sop_class.name or sop_class or 'no SOPClassUID'}, not an MR image")
+            continue
+        if instance in groups[series_uid]:
+            LOG.info("Skipped %s: duplicate of %s", path, groups[series_uid][instance][0])
+            continue
+        groups[series_uid][instance] = (path, ds)
+    if non_mr:
+        LOG.warning("Skipped %d image(s) of another modality than MR, e.g. %s", len(non_mr), non_mr[0])
+    series = [_build_series(uid, list(items.values()), dropped[uid] + dropped[None]) for uid, items in groups.items()]
+    return series, non_mr + skipped
+
+
+class _TruncatedError(ValueError):
+    """Pixel data shorter than the header promises; remembers the series the file belonged to."""
+
+    def __init__(self, message: str, series_uid: str | None):
+        super().__init__(message)
+        self.series_uid = None if series_uid is None else str(series_uid)
+
+
+def _read_header(path: Path) -> Dataset:
+    """Read the whole file, check the pixel data length, and keep the header only."""
+    ds = dcmread(path)
+    if not (ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")):
+        raise ValueError("no SOP Class UID; not a DICOM object")
+    if "PixelData" not in ds and ds.get("SOPClassUID") in _MR_IMAGES:
+        raise _TruncatedError("no pixel data", ds.get("SeriesInstanceUID"))
+    if "PixelData" in ds:
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        expected = None if syntax is None or syntax.is_compressed else get_expected_length(ds)
+        if expected is not None and len(ds.PixelData) < expected:
+            raise _TruncatedError(
+                f"pixel data truncated: {len(ds.PixelData)} of {expected} bytes", ds.get("SeriesInstanceUID")
+            )
+        del ds.PixelData
+    return ds
+
+
+def _build_series(uid: str, items: list[tuple[Path, Dataset]], dropped: list[str]) -> Series:
+    items.sort(key=lambda item: str(item[0]))
+    path, ds = items[0]
+    number = _optional(ds, "SeriesNumber", int)
+    series = Series(
+        uid=uid,
+        number=number,
+        description=_optional(ds, "SeriesDescription", str) or "",
+        modality="MR",
+        tr=None,
+        te=None,
+        ti=None,
+        affine=None,
+        shape=None,
+        files=[p for p, _ in items],
+        frame_of_reference_uid=_optional(ds, "FrameOfReferenceUID", str),
+        study_instance_uid=_optional(ds, "StudyInstanceUID", str),
+        datasets=[d for _, d in items],
+        image_type=tuple(_optional(ds, "ImageType", lambda v: [str(x) for x in v] if _is_multi(v) else [str(v)]) or ()),
+        contrast_agent=_optional(ds, "ContrastBolusAgent", str) or "",
+    )
+    try:
+        frames = [frame for p, d in items for frame in _frames(d, p)]
+        series.tr, series.te, series.ti = _common_timing(frames)
+        frames, series.affine = _geometry(frames, dropped)
+    except StudyError as err:
+        series.problem = str(err)
+        LOG.info("%s cannot be used: %s", series.label, series.problem)
+        return series
+    first_slice: dict[Path, int] = {}
+    for k, frame in enumerate(frames):
+        first_slice.setdefault(frame.path, k)
+    by_path = dict(items)
+    series.files = sorted(by_path, key=first_slice.__getitem__)
+    series.datasets = [by_path[p] for p in series.files]
+    series.shape = (frames[0].shape[1], frames[0].shape[0], len(frames))
+    series.slice_sources = [(frame.path, frame.index) for frame in frames]
+    series.loader = partial(_load_volume, frames)
+    return series
+
+
+def _is_multi(value) -> bool:
+    return isinstance(value, (list, tuple, MultiValue))
+
+
+def _optional(ds: Dataset, keyword: str, convert):
+    """A descriptive attribute, or None when absent or undecodable (never worth failing a series for)."""
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else convert(value)
+    except Exception:  # noqa: BLE001 - corrupt descriptive values only lose the description
+        return None
+
+
+def _value(ds: Dataset, keyword: str, where: str):
+    """Value of ``keyword``, None when absent or empty; StudyError naming file and tag when undecodable."""
+    try:
+        value = ds[keyword].value if keyword in ds else None
+    except Exception as err:  # noqa: BLE001 - pydicom's conversion errors vary with the corruption
+        raise StudyError(f"{where}: {tag_label(keyword)} cannot be decoded ({err}).") from None
+    return None if value is None or (hasattr(value, "__len__") and len(value) == 0) else value
+
+
+def _numbers(ds: Dataset, keyword: str, where: str, count: int = 1, required: bool = True) -> np.ndarray | None:
+    """The first ``count`` numbers of a numeric attribute; StudyError if missing (when required) or not numeric."""
+    value = _value(ds, keyword, where)
+    if value is None:
+        if required:
+            raise StudyError(f"{where}: {tag_label(keyword)} is missing or empty.")
+        return None
+    values = list(value) if _is_multi(value) else [value]
+    try:
+        numbers = np.array([float(v) for v in values[:count]], dtype=float)
+    except (TypeError, ValueError):
+        raise StudyError(f"{where}: {tag_label(keyword)} = {value!r} is not a number.") from None
+    if len(numbers) < count or not np.all(np.isfinite(numbers)):
+        raise StudyError(f"{where}: {tag_label(keyword)} = {value!r} is not {count} finite number(s).")
+    return numbers
+
+
+def _number(ds: Dataset, keyword: str, where: str, required: bool = True, default: float | None = None) -> float | None:
+    numbers = _numbers(ds, keyword, where, required=required)
+    return default if numbers is None else float(numbers[0])
+
+
+def _frames(ds: Dataset, path: Path) -> list[_Frame]:
+    rows, columns = (int(_number(ds, k, str(path))) for k in ("Rows", "Columns"))
+    if ds.SOPClassUID == EnhancedMRImageStorage:
+        return _enhanced_frames(ds, path, (rows, columns))
+    where = str(path)
+    inversion = "IR" in str(_optional(ds, "ScanningSequence", str) or "")
+    ti = _number(ds, "InversionTime", where, required=inversion, default=0.0)
+    timing = (_number(ds, "RepetitionTime", where), _number(ds, "EchoTime", where), ti)
+    thickness = _number(ds, "SpacingBetweenSlices", where, False) or _number(ds, "SliceThickness", where, False)
+    frame = _Frame(
+        path=path,
+        index=0,
+        position=_numbers(ds, "ImagePositionPatient", where, 3),
+        orientation=_numbers(ds, "ImageOrientationPatient", where, 6),
+        spacing=_numbers(ds, "PixelSpacing", where, 2),
+        shape=(rows, columns),
+        timing=timing,
+        rescale=(
+            _number(ds, "RescaleSlope", where, False, default=1.0),
+            _number(ds, "RescaleIntercept", where, False, default=0.0),
+        ),
+        thickness=thickness,
+    )
+    return [frame]
+
+
+def _enhanced_frames(ds: Dataset, path: Path, shape: tuple[int, int]) -> list[_Frame]:
+    """Frames of an Enhanced MR file: each attribute from the frame's functional group, else the shared one."""
+    count = int(_number(ds, "NumberOfFrames", str(path)))
+    shared = _value(ds, "SharedFunctionalGroupsSequence", str(path)) or [Dataset()]
+    per_frame = _value(ds, "PerFrameFunctionalGroupsSequence", str(path)) or []
+    if len(per_frame) != count:
+        raise StudyError(
+            f"{path}: {tag_label('PerFrameFunctionalGroupsSequence')} has {len(per_frame)} items for "
+            f"{tag_label('NumberOfFrames')} = {count}."
+        )
+
+    frames = []
+    for index, own in enumerate(per_frame):
+
+        def macro(keyword: str, index=index, own=own) -> tuple[Dataset, str]:
+            """The functional group item ``keyword`` of this frame and where it was found, for messages."""
+            for groups, name in ((own, f"PerFrameFunctionalGroupsSequence item {index + 1}"), (shared[0], "Shared")):
+                items = _value(groups, keyword, str(path))
+                if items:
+                    return items[0], f"{path} ({name} > {tag_label(keyword)})"
+            return Dataset(), f"{path} (frame {index + 1}, no {tag_label(keyword)})"
+
+        timing_item, timing_where = macro("MRTimingAndRelatedParametersSequence")
+        echo_item, echo_where = macro("MREchoSequence")
+        modifier, modifier_where = macro("MRModifierSequence")
+        inversion = str(_value(modifier, "InversionRecovery", modifier_where) or "").upper() == "YES"
+        ti = _number(modifier, "InversionTimes", modifier_where, required=inversion) if inversion else 0.0
+        position, position_where = macro("PlanePositionSequence")
+        orientation, orientation_where = macro("PlaneOrientationSequence")
+        measures, measures_where = macro("PixelMeasuresSequence")
+        transform, transform_where = macro("PixelValueTransformationSequence")
+        thickness = _number(measures, "SpacingBetweenSlices", measures_where, False) or _number(
+            measures, "SliceThickness", measures_where, False
+        )
+        frames.append(
+            _Frame(
+                path=path,
+                index=index,
+                position=_numbers(position, "ImagePositionPatient", position_where, 3),
+                orientation=_numbers(orientation, "ImageOrientationPatient", orientation_where, 6),
+                spacing=_numbers(measures, "PixelSpacing", measures_where, 2),
+                shape=shape,
+                timing=(
+                    _number(timing_item, "RepetitionTime", timing_where),
+                    _number(echo_item, "EffectiveEchoTime", echo_where),
+                    ti,
+                ),
+                rescale=(
+                    _number(transform, "RescaleSlope", transform_where, False, default=1.0),
+                    _number(transform, "RescaleIntercept", transform_where, False, default=0.0),
+                ),
+                thickness=thickness,
+            )
+        )
+    return frames
+
+
+def _common_timing(frames: list[_Frame]) -> tuple[float, float, float]:
+    """TR, TE, TI shared by all frames: a series mixing echoes or inversions is not one weighted image."""
+    timing = np.array([frame.timing for frame in frames])
+    for column, name in enumerate(("TR", "TE", "TI")):
+        values = timing[:, column]
+        differs = np.abs(values - values[0]) > 1e-3 * max(1.0, np.abs(values).max())
+        if differs.any():
+            k = int(np.argmax(differs))
+            raise StudyError(
+                f"{name} varies within the series ({values[0]:g} ms in {frames[0].path}, {values[k]:g} ms in "
+                f"{frames[k].path}): several echoes or inversion times in one series are not a single weighted image."
+            )
+    tr, te, ti = (float(v) for v in timing[0])
+    if tr <= 0 or te < 0 or ti < 0:
+        raise StudyError(f"{frames[0].path}: implausible TR {tr:g} ms, TE {te:g} ms, TI {ti:g} ms.")
+    return tr, te, ti
+
+
+def _geometry(frames: list[_Frame], dropped: list[str]) -> tuple[list[_Frame], np.ndarray]:
+    """Check that the frames form one regular stack; return them in slice order and the RAS affine."""
+    first = frames[0]
+    for frame in frames[1:]:
+        if not np.allclose(frame.orientation, first.orientation, atol=_ORIENTATION_TOL):
+            raise StudyError(
+                f"inconsistent slice orientation: {tag_label('ImageOrientationPatient')} is "
+                f"{_fmt(frame.orientation)} in {frame.path} but {_fmt(first.orientation)} in {first.path}."
+            )
+        if not np.allclose(frame.spacing, first.spacing, rtol=1e-3) or frame.shape != first.shape:
+            raise StudyError(
+                f"inconsistent pixel grid: {frame.path} has {frame.shape[0]}x{frame.shape[1]} pixels of "
+                f"{_fmt(frame.spacing)} mm ({tag_label('PixelSpacing')}), {first.path} "
+                f"{first.shape[0]}x{first.shape[1]} of {_fmt(first.spacing)} mm."
+            )
+    row, column = first.orientation[:3], first.orientation[3:]
+    if abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(column) - 1) > 0.01 or abs(row @ column) > 0.01:
+        raise StudyError(
+            f"{first.path}: {tag_label('ImageOrientationPatient')} = {_fmt(first.orientation)} is not two "
+            "orthogonal unit vectors."
+        )
+    row, column = row / np.linalg.norm(row), column / np.linalg.norm(column)
+    normal = np.cross(row, column)
+    frames = sorted(frames, key=lambda f: f.position @ normal)
+    positions = np.array([f.position for f in frames])
+    if len(frames) == 1:
+        step = normal * (first.thickness or 1.0)
+    else:
+        steps = np.diff(positions, axis=0)
+        distances = steps @ normal
+        if np.any(distances < 1e-3):
+            k = int(np.argmax(distances < 1e-3))
+            raise StudyError(
+                f"{frames[k].path} and {frames[k + 1].path} share one slice position "
+                f"({tag_label('ImagePositionPatient')} = {_fmt(frames[k].position)}): the series holds several "
+                "images per slice (echoes, phases or repeats), not one volume."
+            )
+        # the mean step; it need not be along the normal (a sheared stack is regular too, the affine keeps it)
+        step = (positions[-1] - positions[0]) / (len(frames) - 1)
+        deviation = np.linalg.norm(steps - step, axis=1)
+        if np.any(deviation > _SPACING_RTOL * np.linalg.norm(step) + _SPACING_ATOL):
+            k = int(np.argmax(deviation))
+            median = float(np.median(distances))
+            kind = (
+                f"are {distances[k]:.4g} mm apart along the slice normal where the other slices are {median:.4g} mm"
+                if abs(distances[k] - median) > _SPACING_RTOL * median + _SPACING_ATOL
+                else f"are shifted in-plane by {np.linalg.norm(steps[k] - distances[k] * normal):.4g} mm"
+            )
+            note = f" Skipped unreadable files: {'; '.join(dropped)}." if dropped else ""
+            raise StudyError(
+                f"inconsistent slice spacing: {frames[k].path} and {frames[k + 1].path} "
+                f"({tag_label('ImagePositionPatient')} {_fmt(positions[k])} and {_fmt(positions[k + 1])}) {kind}; "
+                f"a slice is missing or the series is not one regular stack.{note}"
+            )
+    spacing_row, spacing_column = first.spacing
+    lps = np.eye(4)
+    lps[:3, :3] = np.column_stack([row * spacing_column, column * spacing_row, step])
+    lps[:3, 3] = positions[0]
+    return frames, LPS_TO_RAS @ lps
+
+
+def _fmt(values: np.ndarray) -> str:
+    return "\\".join(f"{v:.6g}" for v in values)
+
+
+def _load_volume(frames: list[_Frame]) -> np.ndarray:
+    """Decode the frames' pixels into a (column, row, slice) float32 volume with the rescale applied."""
+    rows, columns = frames[0].shape
+    volume = np.empty((columns, rows, len(frames)), np.float32)
+    path, pixels = None, None
+    for k, frame in enumerate(frames):
+        if frame.path != path:
+            path = frame.path
+            try:
+                pixels = dcmread(path).pixel_array.reshape(-1, rows, columns)
+            except Exception as err:  # noqa: BLE001 - decoders raise many types on corrupt or unsupported data
+                raise StudyError(f"{path}: pixel data cannot be decoded ({err}).") from None
+        slope, intercept = frame.rescale
+        volume[:, :, k] = pixels[frame.index].T * slope + intercept
+    return volume

@@ -1,0 +1,188 @@
+"""Which series is the T1w, the T2w and the FLAIR: classification from TR/TE/TI, then one choice per class.
+
+Classification trusts the physics first: the protocol decides when it is clear, the SeriesDescription only
+when the protocol is in between (e.g. TE 40 ms). Thresholds (ms), deliberately wider than the model's
+training ranges, which are checked (and warned about) later:
+
+- inversion recovery with TI >= 1200, TR >= 4000 and TE >= 50: FLAIR (fluid-nulling, T2-weighted read-out);
+  inversion recovery with TE <= 30 (T1-FLAIR, MPRAGE): T1w; other IR (STIR): none;
+- no inversion: TR <= 1500 and TE <= 30: T1w; TR >= 1500 and TE >= 50: T2w; TR > 1500 and TE <= 30 is
+  proton-density weighted: none.
+
+Localizers/scouts are never classified. Among several candidates of one class the choice prefers, in
+order: a description that agrees, no contrast agent, an ORIGINAL (not derived) image, more slices, and
+the higher SeriesNumber (a repeat is usually acquired because the first one moved).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..physics import SERIES
+from .errors import LOG, StudyError, tag_label
+from .series import Series
+
+_HINTS = (
+    ("FLAIR", re.compile(r"flair|tirm|dark.?fluid", re.IGNORECASE)),
+    ("T2w", re.compile(r"(?<![a-z0-9])t2(?!\s*\*|_?star)", re.IGNORECASE)),
+    ("T1w", re.compile(r"(?<![a-z0-9])t1(?![0-9])|mprage", re.IGNORECASE)),
+)
+_LOCALIZER = re.compile(r"locali[sz]er|scout|survey|(?<![a-z])loc(?![a-z])", re.IGNORECASE)
+_CRITERIA = (
+    "its description agrees",
+    "it is pre-contrast",
+    "it is an ORIGINAL (not derived) image",
+    "it has more slices",
+    "it has the higher SeriesNumber (acquired later)",
+)
+
+
+def description_hint(description: str) -> str | None:
+    """The class a SeriesDescription names (``'t2_tse_dark-fluid'`` -> FLAIR), or None."""
+    return next((name for name, pattern in _HINTS if pattern.search(description)), None)
+
+
+def protocol_class(tr: float, te: float, ti: float) -> str | None:
+    """From TR/TE/TI (ms) alone: T1w / T2w / FLAIR, ``'PDw'`` (proton density), or None when in between."""
+    if ti > 0:
+        if ti >= 1200 and tr >= 4000 and te >= 50:
+            return "FLAIR"
+        return "T1w" if te <= 30 else None
+    if te <= 30:
+        return "T1w" if tr <= 1500 else "PDw"
+    return "T2w" if tr >= 1500 and te >= 50 else None
+
+
+def classify(series: Series) -> str | None:
+    """``'T1w'``, ``'T2w'``, ``'FLAIR'`` or None, from the declared class, TR/TE/TI, then the description."""
+    if series.declared_class:
+        return series.declared_class
+    if _LOCALIZER.search(series.description) or "LOCALIZER" in series.image_type:
+        return None
+    timing = (series.tr, series.te, series.ti)
+    by_protocol = None if None in timing else protocol_class(*timing)
+    if by_protocol is None:
+        return description_hint(series.description)
+    return by_protocol if by_protocol in SERIES else None
+
+
+def select_series(
+    series_list: list[Series], overrides: dict[str, str | int | None] | None = None
+) -> tuple[dict[str, Series], list[str]]:
+    """Choose one usable series per class (``physics.SERIES``); return the choice and one reason per class.
+
+    ``overrides`` maps a class to a SeriesInstanceUID, a SeriesNumber (int or digits) or, for NIfTI
+    input, a file name; empty values are ignored. Raises StudyError when a class has no usable series
+    (listing every series found), an override matches no series or an unusable one, one series would serve
+    two classes, or the chosen series do not share a Frame of Reference.
+    """
+    overrides = {name: value for name, value in (overrides or {}).items() if value not in (None, "")}
+    unknown = set(overrides) - set(SERIES)
+    if unknown:
+        raise ValueError(f"unknown series class(es) in overrides: {sorted(unknown)}; expected {SERIES}")
+    classes = {id(s): classify(s) for s in series_list}
+    chosen, reasons, missing = {}, [], []
+    for name in SERIES:
+        if name in overrides:
+            series = _find(series_list, overrides[name], name)
+            reason = f"{name}: {series.label} ({series.protocol}) chosen by the user ({overrides[name]!r})"
+            if classes[id(series)] != name:
+                reason += f", although its protocol suggests {classes[id(series)] or 'none of ' + '/'.join(SERIES)}"
+                LOG.warning(reason)
+        else:
+            candidates = [s for s in series_list if classes[id(s)] == name]
+            usable = [s for s in candidates if s.problem is None]
+            if not usable:
+                missing.append(name)
+                continue
+            series, reason = _choose(name, usable)
+            unusable = [s.label for s in candidates if s.problem is not None]
+            if unusable:
+                reason += f"; unusable {name} candidates: {', '.join(unusable)}"
+        chosen[name] = series
+        reasons.append(reason)
+    if missing:
+        raise StudyError(_missing_message(missing, series_list, classes))
+    _check_distinct(chosen)
+    _check_frame_of_reference(chosen)
+    for reason in reasons:
+        LOG.info(reason)
+    return chosen, reasons
+
+
+def _find(series_list: list[Series], value: str | int, name: str) -> Series:
+    text = str(value).strip()
+    matches = [s for s in series_list if s.uid == text]
+    if not matches and text.lstrip("-").isdigit():
+        matches = [s for s in series_list if s.number == int(text)]
+    if not matches:
+        matches = [s for s in series_list if s.files and s.files[0].name == text]
+    if len(matches) != 1:
+        listed = "; ".join(f"{s.label} ({s.uid})" for s in series_list) or "none"
+        raise StudyError(
+            f"The {name} series was given as {value!r}, which matches {len(matches) or 'no'} series; give a "
+            f"SeriesInstanceUID or a SeriesNumber that names exactly one of: {listed}."
+        )
+    series = matches[0]
+    if series.problem is not None:
+        raise StudyError(f"The {name} series given as {value!r} ({series.label}) cannot be used: {series.problem}")
+    return series
+
+
+def _rank(name: str, series: Series) -> tuple:
+    """Selection key, compared in the order of ``_CRITERIA``."""
+    return (
+        description_hint(series.description) == name,
+        not series.contrast_agent,
+        "DERIVED" not in series.image_type,
+        series.shape[2],
+        -1 if series.number is None else series.number,
+    )
+
+
+def _choose(name: str, usable: list[Series]) -> tuple[Series, str]:
+    ranked = sorted(usable, key=lambda s: _rank(name, s), reverse=True)
+    best = ranked[0]
+    reason = f"{name}: {best.label} ({best.protocol}, {best.shape[2]} slices)"
+    if len(ranked) == 1:
+        return best, reason + " is the only candidate"
+    runner_up = ranked[1]
+    why = next(
+        (text for text, a, b in zip(_CRITERIA, _rank(name, best), _rank(name, runner_up), strict=True) if a != b),
+        "it is listed first (the candidates are alike)",
+    )
+    others = ", ".join(s.label for s in ranked[1:])
+    return best, reason + f" chosen over {others} because {why}"
+
+
+def _missing_message(missing: list[str], series_list: list[Series], classes: dict[int, str | None]) -> str:
+    found = []
+    for s in series_list:
+        text = f"{s.label} ({s.protocol}) -> {classes[id(s)] or 'unclassified'}"
+        found.append(text + (f", unusable: {s.problem.rstrip('.')}" if s.problem else ""))
+    return (
+        f"Required series missing: {', '.join(missing)} (needed: {', '.join(SERIES)}). Found "
+        f"{len(series_list)} series: {'; '.join(found) or 'none'}. If one of them is the missing series, "
+        "name it explicitly by its SeriesInstanceUID or SeriesNumber."
+    )
+
+
+def _check_distinct(chosen: dict[str, Series]) -> None:
+    names = {}
+    for name, series in chosen.items():
+        if id(series) in names:
+            raise StudyError(f"{series.label} was chosen as both {names[id(series)]} and {name}; choose two series.")
+        names[id(series)] = name
+
+
+def _check_frame_of_reference(chosen: dict[str, Series]) -> None:
+    """The series are aligned through their headers, which is only meaningful in one Frame of Reference."""
+    frames = {name: s for name, s in chosen.items() if s.frame_of_reference_uid}
+    if len({s.frame_of_reference_uid for s in frames.values()}) > 1:
+        listed = "; ".join(f"{name} {s.label} ({s.files[0]}): {s.frame_of_reference_uid}" for name, s in frames.items())
+        raise StudyError(
+            f"The chosen series do not share a Frame of Reference ({tag_label('FrameOfReferenceUID')}): {listed}. "
+            "Their positions are in different patient coordinate systems (another session, or the patient was "
+            "repositioned), so they cannot be aligned by their headers; register them first or choose series "
+            "of one session."
+        )
