@@ -1,3 +1,4 @@
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -5,6 +6,7 @@ from monai.data import MetaTensor
 
 from scripts import physics
 from scripts.transforms import (
+    BrainMaskd,
     ClipPercentiled,
     MaskedMaxNormalized,
     NormalizeParametersd,
@@ -119,3 +121,17 @@ def test_map_and_parameter_scaling():
     params = NormalizeParametersd("params")({"params": [[500.0, 10.0, 0.0]] * 3})["params"]
     assert params.dtype == torch.float32
     np.testing.assert_allclose(params[0].numpy(), [0.05, 0.05, 0.0], rtol=1e-6)
+
+
+def test_brain_mask_from_user_file_and_skull_stripped_input_is_detected(tmp_path):
+    affine = np.diag([2.0, 2.0, 4.0, 1.0])
+    brain = np.zeros((20, 16, 8), np.float32)
+    brain[5:15, 4:12, 2:6] = 1
+    nib.save(nib.Nifti1Image(brain, affine), tmp_path / "mask.nii.gz")
+    head = MetaTensor(torch.full((1, 20, 16, 8), 50.0), affine=torch.as_tensor(affine))
+    out = BrainMaskd("T1w", mask_file=str(tmp_path / "mask.nii.gz"))({"T1w": head})
+    assert torch.equal(out["mask"][0] > 0, torch.from_numpy(brain > 0))
+    assert out["mask_info"] == f"user mask {tmp_path / 'mask.nii.gz'}"
+    stripped = MetaTensor(head * torch.from_numpy(brain), affine=head.affine)
+    info = BrainMaskd("T1w", mask_file=str(tmp_path / "mask.nii.gz"))({"T1w": stripped})["mask_info"]
+    assert "looks skull-stripped already (0.0 % of its signal outside)" in info

@@ -166,6 +166,8 @@ class StudyWriter:
 
     def _failed(self, _engine: Engine, err: Exception) -> None:
         self.output.discard()
+        if isinstance(err, (StudyError, ValueError)):  # a problem of the input, e.g. an empty brain mask
+            fail(str(err))
         raise err
 
     def write(self, engine: Engine) -> None:
