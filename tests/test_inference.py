@@ -165,6 +165,7 @@ def test_cli_bad_inputs_fail_with_one_clear_paragraph(sample, tmp_path):
 
     out.mkdir()
     (out / "T1_map.nii.gz").write_text("earlier result")
-    done = _cli(sample["dicom"], out)
-    _assert_clean_failure(done, out, str(out), "--overwrite")
-    assert (out / "T1_map.nii.gz").read_text() == "earlier result"
+    for refusal in ([], ["--overwrite", "false"]):  # the command line delivers 'false' as a string
+        done = _cli(sample["dicom"], out, *refusal)
+        _assert_clean_failure(done, out, str(out), "--overwrite")
+        assert (out / "T1_map.nii.gz").read_text() == "earlier result"

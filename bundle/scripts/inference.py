@@ -39,7 +39,8 @@ class OutputFolder:
     ``overwrite``. A run that fails leaves no output folder behind that could pass for a complete one.
     """
 
-    def __init__(self, path: str | None, overwrite: bool = False) -> None:
+    def __init__(self, path: str | None, overwrite: bool | str = False) -> None:
+        overwrite = _flag(overwrite, "--overwrite")
         if not path:
             fail("no output folder given: pass --output_dir <folder>.")
         self.path = Path(path).resolve()
@@ -61,6 +62,16 @@ class OutputFolder:
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _flag(value: bool | int | str, name: str) -> bool:
+    """A yes/no option as the command line delivers it: ``--overwrite true`` arrives as the string 'true'."""
+    if isinstance(value, bool | int):
+        return bool(value)
+    answers = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if str(value).lower() not in answers:
+        fail(f"{name} takes true or false, not {value!r}.")
+    return answers[str(value).lower()]
 
 
 class StudyInputs:

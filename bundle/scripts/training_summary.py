@@ -1,0 +1,74 @@
+"""Summarise training runs from their ``metrics.csv``: a markdown table and a learning-curve figure.
+
+From the repository root:
+``python bundle/scripts/training_summary.py bundle/runs/cpu bundle/runs/cpu_unet --names PDPE-Net U-Net
+--out bundle/docs/training``  writes ``training.md`` and ``training.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+MAPS = ("T1", "T2", "PD")
+
+
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    with (run_dir / "metrics.csv").open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def summary_rows(names: list[str], histories: list[list[dict]]) -> list[str]:
+    header = "| run | epochs | hours | best epoch | " + " | ".join(f"PSNR {m} (dB)" for m in MAPS) + " | PSNR sum |"
+    rows = [header, "|" + "---|" * (5 + len(MAPS))]
+    for name, history in zip(names, histories, strict=True):
+        best = max(history, key=lambda r: r["val_psnr_sum"])
+        last = history[-1]
+        psnr = " | ".join(f"{best[f'val_psnr_{m}']:.2f}" for m in MAPS)
+        rows.append(f"| {name} | {int(last['epoch'])} | {last['seconds'] / 3600:.2f} | {int(best['epoch'])} | "
+                    f"{psnr} | {best['val_psnr_sum']:.2f} |")  # fmt: skip
+    return rows
+
+
+def plot(names: list[str], histories: list[list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(MAPS) + 1, figsize=(16, 3.8), constrained_layout=True)
+    for name, history in zip(names, histories, strict=True):
+        epochs = [r["epoch"] for r in history]
+        for ax, key in zip(axes, [f"val_psnr_{m}" for m in MAPS] + ["val_psnr_sum"], strict=True):
+            ax.plot(epochs, [r[key] for r in history], marker=".", label=name)
+            ax.set_title(key.replace("val_psnr_", "validation PSNR ").replace("sum", "sum of T1, T2, PD"))
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("dB")
+            ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="output_dir of each training run")
+    parser.add_argument("--names", nargs="+", help="display names (default: folder names)")
+    parser.add_argument("--out", type=Path, required=True, help="output prefix, e.g. bundle/docs/training")
+    args = parser.parse_args(argv)
+    names = args.names or [run.name for run in args.runs]
+    histories = [read_history(run) for run in args.runs]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table = "\n".join(summary_rows(names, histories))
+    args.out.with_suffix(".md").write_text(
+        "Validation PSNR in the brain mask (best epoch by the PSNR sum), from "
+        f"`python bundle/scripts/training_summary.py {' '.join(map(str, args.runs))} --names {' '.join(names)} "
+        f"--out {args.out}`:\n\n{table}\n\n![learning curves]({args.out.name}.png)\n"
+    )
+    plot(names, histories, args.out.with_suffix(".png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
