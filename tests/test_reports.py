@@ -1,0 +1,27 @@
+"""The reporting scripts turn metric CSVs into the tables and figures of the model card."""
+
+from scripts import evaluation_table, training_summary
+
+
+def test_training_summary_picks_best_epoch_and_plots(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "epoch,seconds,val_psnr_PD,val_psnr_T1,val_psnr_T2,val_psnr_sum\n"
+        "2,1800,20.0,18.0,19.0,57.0\n4,3600,25.0,22.0,23.0,70.0\n6,5400,24.0,21.0,22.0,67.0\n"
+    )
+    training_summary.main([str(run), "--names", "PDPE", "--out", str(tmp_path / "docs" / "training")])
+    text = (tmp_path / "docs" / "training.md").read_text()
+    assert "| PDPE | 6 | 1.50 | 4 | 22.00 | 23.00 | 25.00 | 70.00 |" in text
+    assert (tmp_path / "docs" / "training.png").stat().st_size > 5_000
+
+
+def test_evaluation_table_formats_every_metric_per_map(tmp_path):
+    names = [f"{m}_{k}" for m in ("psnr", "ssim", "mae", "mpe") for k in ("T1", "T2", "PD")]
+    (tmp_path / "metrics.csv").write_text("".join(f"{n},{i / 10}\n" for i, n in enumerate(names)))
+    evaluation_table.main([f"model, split={tmp_path}", "--out", str(tmp_path / "table.md")])
+    row = (tmp_path / "table.md").read_text().splitlines()[2]
+    assert (
+        row
+        == "| model, split | 0.00 | 0.10 | 0.20 | 0.300 | 0.400 | 0.500 | 0.6000 | 0.7000 | 0.8000 | 0.900 | 1.000 | 1.100 |"
+    )
