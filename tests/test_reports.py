@@ -20,8 +20,6 @@ def test_evaluation_table_formats_every_metric_per_map(tmp_path):
     names = [f"{m}_{k}" for m in ("psnr", "ssim", "mae", "mpe") for k in ("T1", "T2", "PD")]
     (tmp_path / "metrics.csv").write_text("".join(f"{n},{i / 10}\n" for i, n in enumerate(names)))
     evaluation_table.main([f"model, split={tmp_path}", "--out", str(tmp_path / "table.md")])
-    row = (tmp_path / "table.md").read_text().splitlines()[2]
-    assert (
-        row
-        == "| model, split | 0.00 | 0.10 | 0.20 | 0.300 | 0.400 | 0.500 | 0.6000 | 0.7000 | 0.8000 | 0.900 | 1.000 | 1.100 |"
-    )
+    cells = (tmp_path / "table.md").read_text().splitlines()[2].split(" | ")
+    assert cells[1:] == ["0.00", "0.10", "0.20", "0.300", "0.400", "0.500", "0.6000", "0.7000", "0.8000",
+                         "0.900", "1.000", "1.100 |"]  # fmt: skip
