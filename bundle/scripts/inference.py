@@ -235,6 +235,7 @@ class StudyWriter:
                 f"{series}: the maps re-synthesise this series with a mean absolute residual of {mean_abs:.3f} "
                 f"(threshold {self.residual_warning}) of its normalised intensity; the maps do not explain it well."
             )
+            LOG.warning(entry["warning"])
         return entry
 
     def _timings(self, batch: dict, writing: float) -> dict:
