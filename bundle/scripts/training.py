@@ -26,14 +26,19 @@ class LossProgressBar:
 
 
 class MetricsHistory:
-    """Append one CSV row per validation round: epoch, wall time since start, every metric.
+    """Append one CSV row per validation round: epoch, training wall time so far, every metric.
 
-    A validator run by ``ValidationHandler`` carries the trainer's epoch in its own state.
+    A validator run by ``ValidationHandler`` carries the trainer's epoch in its own state. A resumed run
+    continues the file and its clock from the last row (the unfinished epoch of a stop is not counted).
     """
 
     def __init__(self, filename: str) -> None:
         self.path = Path(filename)
         self.start = time.time()
+        if self.path.exists():
+            with self.path.open() as f:
+                rows = list(csv.DictReader(f))
+            self.start -= float(rows[-1]["seconds"]) if rows else 0.0
 
     def attach(self, evaluator: Engine) -> None:
         evaluator.add_event_handler(Events.EPOCH_COMPLETED, self)
