@@ -11,6 +11,7 @@ from scripts.transforms import (
     MaskedMaxNormalized,
     NormalizeParametersd,
     RandRicianNoiseSNRd,
+    ResynthesisResiduald,
     ScaleMapsd,
     SynthesizeWeightedd,
 )
@@ -135,3 +136,20 @@ def test_brain_mask_from_user_file_and_skull_stripped_input_is_detected(tmp_path
     stripped = MetaTensor(head * torch.from_numpy(brain), affine=head.affine)
     info = BrainMaskd("T1w", mask_file=str(tmp_path / "mask.nii.gz"))({"T1w": stripped})["mask_info"]
     assert "looks skull-stripped already (0.0 % of its signal outside)" in info
+
+
+def test_resynthesis_residual_vanishes_for_maps_that_explain_the_inputs():
+    d = _maps(shape=(1, 24, 20, 6))
+    protocol = torch.tensor([[500.0, 15.0, 0.0], [4000.0, 100.0, 0.0], [9000.0, 120.0, 2500.0]])
+    maps = torch.cat([d["T1"], d["T2"], d["PD"]])
+    images = torch.stack([physics.signal(d["PD"][0], d["T1"][0], d["T2"][0], *row.tolist()) for row in protocol])
+    images = images * torch.tensor([3.0, 0.5, 7.0]).reshape(3, 1, 1, 1)  # any receiver gain per series
+    data = {"pred": physics.scale_maps(maps), "image": images, "mask": d["mask"],
+            "params": physics.normalize_parameters(protocol)}  # fmt: skip
+    residual = ResynthesisResiduald()(data)["residual"]
+    inside = d["mask"][0] > 0
+    assert residual.shape == (3, 24, 20, 6)
+    assert residual[:, inside].abs().max() < 1e-3 * images[:, inside].abs().max()
+    wrong = {**data, "pred": physics.scale_maps(maps * torch.tensor([1.5, 1.0, 1.0]).reshape(3, 1, 1, 1))}
+    t1w_error = ResynthesisResiduald()(wrong)["residual"][0][inside].abs().mean() / images[0][inside].mean()
+    assert t1w_error > 0.02  # a T1 map 50 % too long no longer explains the T1w image (2.5 % here)

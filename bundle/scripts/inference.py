@@ -144,8 +144,8 @@ class StudyWriter:
         study: the study's inputs.
         output: where to write.
         model: checkpoint file and bundle metadata, for the report.
-        residual_warning: mean absolute QA residual (fraction of the mean input in the mask) above which
-            a series is flagged.
+        residual_warning: mean absolute QA residual, as a fraction of the series' mean signal in the mask,
+            above which a series is flagged.
     """
 
     def __init__(
@@ -192,12 +192,13 @@ class StudyWriter:
         for name, values, unit in zip(physics.MAPS, maps, physics.MAP_UNITS, strict=True):
             _save_nifti(np.where(mask, values, 0.0), affine, out / f"{name}_map.nii.gz", f"{name} map ({unit})")
         _save_nifti(mask.astype(np.uint8), affine, out / "mask.nii.gz", "brain mask")
+        images = _numpy(output["image"])
         qa = {}
-        for series, values in zip(physics.SERIES, residual, strict=True):
+        for series, values, image in zip(physics.SERIES, residual, images, strict=True):
             _save_nifti(np.where(mask, values, 0.0), affine, out / "qa" / f"residual_{series}.nii.gz",
                         f"{series} resynthesised - input (normalised)")  # fmt: skip
-            qa[series] = self._qa_entry(series, values[mask])
-        qa_figure(_numpy(output["image"]), maps, residual, mask, out / "qa.png")
+            qa[series] = self._qa_entry(series, values[mask], image[mask])
+        qa_figure(images, maps, residual, mask, out / "qa.png")
         dicom = self._write_dicom(np.where(mask, maps, 0.0), out / "dicom")
         warnings = list(self.study.warnings) + [q["warning"] for q in qa.values() if "warning" in q]
         timings = self._timings(batch, time.perf_counter() - start)
@@ -227,13 +228,15 @@ class StudyWriter:
             written.append(str(path.relative_to(folder.parent)))
         return written
 
-    def _qa_entry(self, series: str, residual: np.ndarray) -> dict:
-        mean_abs = float(np.abs(residual).mean())
-        entry = {"mean_abs_residual": mean_abs, "rms_residual": float(np.sqrt((residual**2).mean()))}
-        if mean_abs > self.residual_warning:
+    def _qa_entry(self, series: str, residual: np.ndarray, image: np.ndarray) -> dict:
+        """Residual statistics in the mask, relative to the series' mean signal there."""
+        relative = float(np.abs(residual).mean() / max(float(image.mean()), 1e-12))
+        entry = {"relative_mean_abs_residual": relative, "rms_residual": float(np.sqrt((residual**2).mean()))}
+        if relative > self.residual_warning:
             entry["warning"] = (
-                f"{series}: the maps re-synthesise this series with a mean absolute residual of {mean_abs:.3f} "
-                f"(threshold {self.residual_warning}) of its normalised intensity; the maps do not explain it well."
+                f"{series}: re-synthesised from the maps with its own TR/TE/TI, it differs from the input by "
+                f"{100 * relative:.1f} % of its mean brain signal (threshold {100 * self.residual_warning:.0f} %): "
+                "the maps do not explain this series well."
             )
             LOG.warning(entry["warning"])
         return entry

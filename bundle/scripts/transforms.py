@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import Compose, LoadImage, MapTransform, RandomizableTransform, ResampleToMatch
+from monai.transforms import LoadImage, MapTransform, RandomizableTransform, ResampleToMatch
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 from monai.utils import convert_to_tensor
 
@@ -253,9 +253,10 @@ class ResynthesisResiduald(MapTransform):
     """Physics QA: re-synthesise the weighted images from the predicted maps with the study's own protocol.
 
     ``keys`` holds predicted maps as network targets (``physics.MAP_SCALE``), ``params_key`` the protocol
-    as the network saw it (``physics.PARAMETER_SCALE``). The re-synthesised T1w/T2w/FLAIR are clipped
-    and max-normalised in the mask exactly as the inputs were, and ``residual_key`` gets
-    (re-synthesised - input) per series: a consistent prediction explains its own inputs.
+    as the network saw it (``physics.PARAMETER_SCALE``), ``image_key`` the normalised inputs. A weighted
+    image is known only up to the receiver gain, so each re-synthesised series is scaled by the gain that
+    fits it best to its input in the mask (least squares); ``residual_key`` gets (fitted - input) per
+    series. Maps that explain their inputs leave only noise.
     """
 
     def __init__(
@@ -273,9 +274,6 @@ class ResynthesisResiduald(MapTransform):
             mask_key,
             residual_key,
         )
-        self.normalize = Compose(
-            [ClipPercentiled("synth", mask_key=mask_key), MaskedMaxNormalized("synth", mask_key=mask_key)]
-        )
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -283,6 +281,8 @@ class ResynthesisResiduald(MapTransform):
         t1, t2, pd = physics.scale_maps(convert_to_tensor(d[key], track_meta=True), inverse=True)
         protocol = physics.normalize_parameters(torch.as_tensor(d[self.params_key]), inverse=True).reshape(3, 3)
         synth = torch.stack([physics.signal(pd, t1, t2, *(float(v) for v in row)) for row in protocol])
-        synth = self.normalize({"synth": synth, self.mask_key: d[self.mask_key]})["synth"]
-        d[self.residual_key] = synth - d[self.image_key]
+        image, inside = d[self.image_key], _in_mask(d[self.mask_key])
+        s, x = torch.as_tensor(synth)[:, inside], torch.as_tensor(image)[:, inside]
+        gain = (s * x).sum(dim=1) / (s * s).sum(dim=1).clamp(min=torch.finfo(s.dtype).tiny)
+        d[self.residual_key] = synth * gain.reshape(-1, *[1] * (synth.ndim - 1)) - image
         return d
