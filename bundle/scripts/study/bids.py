@@ -48,11 +48,6 @@ def _read(path: Path, sidecar: Path) -> Series:
         number=None,
         description=stem,
         modality="MR",
-        tr=None,
-        te=None,
-        ti=None,
-        affine=None,
-        shape=None,
         files=[path, sidecar],
         declared_class=suffix and suffix.group(1),
     )

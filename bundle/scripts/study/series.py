@@ -40,12 +40,13 @@ class Series:
     number: int | None
     description: str
     modality: str
-    tr: float | None
-    te: float | None
-    ti: float | None
-    affine: np.ndarray | None = field(repr=False)
-    shape: tuple[int, int, int] | None
     files: list[Path] = field(repr=False)
+    # set by the reader once the series proved usable (see ``problem``)
+    tr: float | None = None
+    te: float | None = None
+    ti: float | None = None
+    affine: np.ndarray | None = field(default=None, repr=False)
+    shape: tuple[int, int, int] | None = None
     frame_of_reference_uid: str | None = None
     study_instance_uid: str | None = None
     datasets: list[Dataset] = field(default_factory=list, repr=False)
