@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
+from monai.utils import convert_to_numpy
 
 from scripts import physics
 from scripts.study import StudyError, load_study, write_parametric_map
+from scripts.training import ProtocolDomain
 
 LOG = logging.getLogger("scripts.inference")
 
@@ -102,7 +104,7 @@ class StudyInputs:
         self.seconds = time.perf_counter() - start
         self.protocol = np.array([[getattr(self.chosen[s], p.lower()) for p in physics.SEQUENCE_PARAMETERS]
                                   for s in physics.SERIES])  # fmt: skip
-        self.ranges = _training_ranges(checkpoint)
+        self.ranges = ProtocolDomain.from_checkpoint(checkpoint).ranges
         self.warnings = [
             f"{problem}: the model was not trained on this protocol; check the maps with care."
             for problem in physics.protocol_violations(self.protocol, self.ranges)
@@ -118,15 +120,6 @@ class StudyInputs:
         }
         item["params"] = torch.as_tensor(self.protocol, dtype=torch.float32)
         return [item]
-
-
-def _training_ranges(checkpoint: str | None) -> dict:
-    """TR/TE/TI ranges saved with the model by ``ProtocolDomain``; the default ranges for older checkpoints."""
-    if checkpoint and Path(checkpoint).is_file():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if isinstance(saved, dict) and "protocol" in saved:
-            return saved["protocol"]["protocol_ranges"]
-    return physics.PROTOCOL_RANGES
 
 
 def file_sha256(path: str | Path) -> str:
@@ -186,13 +179,13 @@ class StudyWriter:
         start = time.perf_counter()
         out = self.output.start()
         affine = self.study.chosen["T1w"].affine
-        maps = _numpy(output["pred"])
-        mask = _numpy(batch["brain_mask"])[0] > 0
-        residual = _numpy(output["residual"])
+        maps = convert_to_numpy(output["pred"])
+        mask = convert_to_numpy(batch["brain_mask"])[0] > 0
+        residual = convert_to_numpy(output["residual"])
         for name, values, unit in zip(physics.MAPS, maps, physics.MAP_UNITS, strict=True):
             _save_nifti(np.where(mask, values, 0.0), affine, out / f"{name}_map.nii.gz", f"{name} map ({unit})")
         _save_nifti(mask.astype(np.uint8), affine, out / "mask.nii.gz", "brain mask")
-        images = _numpy(output["image"])
+        images = convert_to_numpy(output["image"])
         qa = {}
         for series, values, image in zip(physics.SERIES, residual, images, strict=True):
             _save_nifti(np.where(mask, values, 0.0), affine, out / "qa" / f"residual_{series}.nii.gz",
@@ -285,10 +278,6 @@ class StudyWriter:
             "warnings": warnings,
             "timings": timings,
         }
-
-
-def _numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def _save_nifti(values: np.ndarray, affine: np.ndarray, path: Path, description: str) -> None:

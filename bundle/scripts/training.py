@@ -71,6 +71,16 @@ class ProtocolDomain:
     def load_state_dict(self, state: dict) -> None:
         self.ranges = state["protocol_ranges"]
 
+    @classmethod
+    def from_checkpoint(cls, path: str | None) -> ProtocolDomain:
+        """The domain saved in a checkpoint under ``"protocol"``; the default ranges if it holds none."""
+        domain = cls()
+        if path and Path(path).is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            if isinstance(saved, dict) and "protocol" in saved:
+                domain.load_state_dict(saved["protocol"])
+        return domain
+
 
 def resumable(
     trainer: Engine,
