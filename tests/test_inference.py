@@ -165,7 +165,44 @@ def test_cli_bad_inputs_fail_with_one_clear_paragraph(sample, tmp_path):
 
     out.mkdir()
     (out / "T1_map.nii.gz").write_text("earlier result")
-    for refusal in ([], ["--overwrite", "false"]):  # the command line delivers 'false' as a string
+    for refusal in ([], ["--overwrite", "true"]):  # not this tool's output: refused even with --overwrite
         done = _cli(sample["dicom"], out, *refusal)
-        _assert_clean_failure(done, out, str(out), "--overwrite")
+        _assert_clean_failure(done, out, str(out), "not a previous output")
         assert (out / "T1_map.nii.gz").read_text() == "earlier result"
+
+
+def test_output_folder_never_holds_or_deletes_inputs(sample, model, tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(sample["dicom"], study)
+    (tmp_path / "notes.txt").write_text("mine")
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    for out in (study, tmp_path, study / "maps"):  # the study itself, a folder above it, a folder inside it
+        with pytest.raises(SystemExit, match="is, contains or lies inside the input"):
+            _infer(study, out, model, overwrite=True)
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "T1_map.nii.gz").write_text("someone else's")
+    with pytest.raises(SystemExit, match="not a previous output of pdpe-qmri"):
+        _infer(study, unrelated, model, overwrite=True)
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file() and unrelated not in p.parents) == files
+
+    out = tmp_path / "maps"
+    (tmp_path / ".maps.partial").mkdir()  # left by a killed run
+    first = _infer(study, out, model, mask=str(sample["truth"] / "mask.nii.gz"))
+    assert first["software"]["name"] == "pdpe-qmri" and first["software"]["packages"]["torch"] == torch.__version__
+    assert any(".maps.partial" in w and "interrupted" in w for w in first["warnings"])
+    with pytest.raises(SystemExit, match="--overwrite true"):
+        _infer(study, out, model)
+    second = _infer(study, out, model, overwrite=True, mask=str(sample["truth"] / "mask.nii.gz"))
+    assert not any("interrupted" in w for w in second["warnings"])
+    (out / "notes.txt").write_text("added by the user")
+    with pytest.raises(SystemExit, match="notes.txt"):
+        _infer(study, out, model, overwrite=True)
+    assert (out / "notes.txt").exists() and (out / "report.json").exists()
+
+
+def test_unwritable_output_folder_fails_before_any_work(sample, model, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match="cannot write the output folder"):
+        _infer(sample["dicom"], blocker / "maps", model)

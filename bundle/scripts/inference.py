@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -34,23 +35,66 @@ def fail(message: str):
     raise SystemExit(f"pdpe-qmri error: {message}")
 
 
+#: Everything a run writes into its output folder; ``--overwrite`` replaces a folder holding only these.
+OUTPUT_ENTRIES = frozenset({"T1_map.nii.gz", "T2_map.nii.gz", "PD_map.nii.gz", "mask.nii.gz", "qa", "qa.png",
+                            "dicom", "report.json"})  # fmt: skip
+#: ``report.json``'s ``software#name``: marks a folder as this tool's output.
+SOFTWARE_NAME = "pdpe-qmri"
+
+
 class OutputFolder:
     """Outputs go to a hidden staging folder beside ``path`` and move into place only when complete.
 
-    Checked when created (before the study is read): an existing, non-empty ``path`` is refused unless
-    ``overwrite``. A run that fails leaves no output folder behind that could pass for a complete one.
+    Checked when created, before the study is read, so that no input and no unrelated file is ever lost:
+
+    - ``path`` may not be, contain, or lie inside any of ``inputs`` (the study folder, the user's mask);
+    - an existing, non-empty ``path`` is replaced only with ``overwrite`` and only when it is a previous
+      output of this tool: its ``report.json`` names this software and it holds nothing but
+      ``OUTPUT_ENTRIES``; anything else is refused, naming what is there;
+    - the folder that will hold ``path`` must be writable (checked by creating the staging folder).
+
+    A run that fails leaves no output folder behind that could pass for a complete one. A staging
+    folder left by a killed run is removed, and said so in ``warnings`` (they go to the report).
     """
 
-    def __init__(self, path: str | None, overwrite: bool | str = False) -> None:
+    def __init__(self, path: str | None, overwrite: bool | str = False, inputs: list | None = None) -> None:
         overwrite = _flag(overwrite, "--overwrite")
         if not path:
             fail("no output folder given: pass --output_dir <folder>.")
         self.path = Path(path).resolve()
+        self.warnings: list[str] = []
+        for source in (Path(p).resolve() for p in inputs or [] if p):
+            if self.path == source or self.path in source.parents or source in self.path.parents:
+                fail(f"the output folder {self.path} is, contains or lies inside the input {source}; "
+                     "choose an output folder outside the study.")  # fmt: skip
         if self.path.exists() and not self.path.is_dir():
             fail(f"{self.path} exists and is not a folder.")
-        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
-            fail(f"{self.path} is not empty; pass --overwrite true to replace its contents.")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            self._check_replaceable(overwrite)
         self.staging = self.path.parent / f".{self.path.name}.partial"
+        if self.staging.exists():
+            self.warnings.append(f"removed {self.staging}, the unfinished output of an earlier interrupted run")
+            LOG.warning(self.warnings[-1])
+        try:
+            self.start()
+        except OSError as err:
+            fail(f"cannot write the output folder {self.path}: {err.strerror or err}.")
+        self.discard()
+
+    def _check_replaceable(self, overwrite: bool) -> None:
+        """Refuse a non-empty ``path`` unless ``overwrite`` and it is this tool's previous output."""
+        foreign = sorted(p.name for p in self.path.iterdir() if p.name not in OUTPUT_ENTRIES)
+        try:
+            ours = json.loads((self.path / "report.json").read_text())["software"]["name"] == SOFTWARE_NAME
+        except (OSError, ValueError, KeyError, TypeError):
+            ours = False
+        if foreign or not ours:
+            what = f"it holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}" if foreign else (
+                "it has no report.json of this tool")  # fmt: skip
+            fail(f"{self.path} is not empty and is not a previous output of {SOFTWARE_NAME} ({what}); "
+                 "nothing was changed. Choose a new or empty output folder.")  # fmt: skip
+        if not overwrite:
+            fail(f"{self.path} holds a previous output of {SOFTWARE_NAME}; pass --overwrite true to replace it.")
 
     def start(self) -> Path:
         """A fresh, empty staging folder."""
@@ -59,7 +103,9 @@ class OutputFolder:
         return self.staging
 
     def commit(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Replace ``path`` (empty, or checked at start to be this tool's output) by the staging folder."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
         self.staging.rename(self.path)
 
     def discard(self) -> None:
@@ -120,6 +166,30 @@ class StudyInputs:
         }
         item["params"] = torch.as_tensor(self.protocol, dtype=torch.float32)
         return [item]
+
+
+#: Python packages whose versions decide the maps; each goes into ``report.json``.
+_PACKAGES = ("torch", "monai", "numpy", "scipy", "nibabel", "itk", "pydicom", "highdicom", "deepbet", "pytorch-ignite")
+
+
+def software(version: str | None) -> dict:
+    """This tool's name, bundle version and git revision (when run from a checkout), and package versions."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    def installed(name: str) -> str | None:
+        try:
+            return package_version(name)
+        except PackageNotFoundError:
+            return None
+
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                  text=True, timeout=10).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    return {"name": SOFTWARE_NAME, "version": version, "revision": revision,
+            "packages": {name: installed(name) for name in _PACKAGES}}  # fmt: skip
 
 
 def file_sha256(path: str | Path) -> str:
@@ -193,7 +263,7 @@ class StudyWriter:
             qa[series] = self._qa_entry(series, values[mask], image[mask])
         qa_figure(images, maps, residual, mask, out / "qa.png")
         dicom = self._write_dicom(np.where(mask, maps, 0.0), out / "dicom")
-        warnings = list(self.study.warnings) + [q["warning"] for q in qa.values() if "warning" in q]
+        warnings = [*self.output.warnings, *self.study.warnings, *(q["warning"] for q in qa.values() if "warning" in q)]
         timings = self._timings(batch, time.perf_counter() - start)
         report = {**self._report(batch, qa, warnings, timings), "dicom": dicom}
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -247,6 +317,7 @@ class StudyWriter:
     def _report(self, batch: dict, qa: dict, warnings: list[str], timings: dict) -> dict:
         chosen = {s.uid: name for name, s in self.study.chosen.items()}
         return {
+            "software": software(self.metadata.get("version")),
             "inputs": [
                 {
                     "series_instance_uid": s.uid,
