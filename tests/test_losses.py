@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from monai.engines import SupervisedTrainer
@@ -125,3 +127,11 @@ def test_supervised_trainer_uses_the_packed_label():
     )
     trainer.run()
     assert trainer.state.output["loss"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_log_loss_weighs_relative_errors():
+    target = torch.tensor([[[[0.016]], [[0.6]], [[0.7]]]])  # WM-like T2 80 ms next to CSF-like values
+    pred = target * torch.tensor([1.1, 1.1, 0.9]).reshape(1, 3, 1, 1)
+    loss = MaskedWeightedMSELoss(weights=(1.0, 1.0, 1.0), log=True)(pred, target)
+    expected = 2 * math.log(1.1) ** 2 + math.log(0.9) ** 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)

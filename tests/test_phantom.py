@@ -193,3 +193,15 @@ def test_shepp_logan_subject_in_physical_units():
     head = phantom.shepp_logan_subject(voxel_size=COARSE, head=True)
     assert {5, 6} <= set(np.unique(head["labels"]))
     np.testing.assert_array_equal(head["mask"], s["mask"])
+
+
+def test_fractions_file_gives_back_the_subjects_tissue_fractions(cohort, datalist):
+    entry = datalist["training"][0]
+    stored = nib.load(cohort.parent / entry["fractions"])
+    fractions = np.moveaxis(stored.get_fdata(dtype=np.float32), -1, 0)
+    assert fractions.shape == (len(phantom.LABEL_NAMES), *_load(cohort, entry, "mask").shape)
+    np.testing.assert_allclose(stored.affine, nib.load(cohort.parent / entry["mask"]).affine)
+    np.testing.assert_allclose(fractions.sum(axis=0), 1.0, atol=4 / 255)  # 8-bit storage
+    labels = phantom.labels_of(fractions)
+    assert (labels == _load(cohort, entry, "labels")).mean() > 0.99  # same anatomy, up to 8-bit rounding at 0.5
+    assert all("fractions" not in e for e in datalist["test"] if e["family"] == "shepp_logan")

@@ -7,12 +7,13 @@ def test_training_summary_picks_best_epoch_and_plots(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.csv").write_text(
-        "epoch,seconds,val_psnr_PD,val_psnr_T1,val_psnr_T2,val_psnr_sum\n"
-        "2,1800,20.0,18.0,19.0,57.0\n4,3600,25.0,22.0,23.0,70.0\n6,5400,24.0,21.0,22.0,67.0\n"
+        "epoch,seconds,val_mpe_PD,val_mpe_T1,val_mpe_T2,val_mpe_sum,val_psnr_PD,val_psnr_T1,val_psnr_T2\n"
+        "2,1800,0.1,0.2,0.3,0.6,20.0,18.0,19.0\n4,3600,0.05,0.1,0.15,0.3,25.0,22.0,23.0\n"
+        "6,5400,0.06,0.1,0.16,0.32,26.0,23.0,24.0\n"
     )
     training_summary.main([str(run), "--names", "PDPE", "--out", str(tmp_path / "docs" / "training")])
     text = (tmp_path / "docs" / "training.md").read_text()
-    assert "| PDPE | 6 | 1.50 | 4 | 22.00 | 23.00 | 25.00 | 70.00 |" in text
+    assert "| PDPE | 6 | 1.50 | 4 | 10.0 | 15.0 | 5.0 | 22.00 | 23.00 | 25.00 |" in text
     assert (tmp_path / "docs" / "training.png").stat().st_size > 5_000
 
 

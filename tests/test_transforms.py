@@ -11,6 +11,7 @@ from scripts.transforms import (
     MaskedMaxNormalized,
     NormalizeParametersd,
     RandRicianNoiseSNRd,
+    RandTissueValuesd,
     ResynthesisResiduald,
     ScaleMapsd,
     SynthesizeWeightedd,
@@ -153,3 +154,36 @@ def test_resynthesis_residual_vanishes_for_maps_that_explain_the_inputs():
     wrong = {**data, "pred": physics.scale_maps(maps * torch.tensor([1.5, 1.0, 1.0]).reshape(3, 1, 1, 1))}
     t1w_error = ResynthesisResiduald()(wrong)["residual"][0][inside].abs().mean() / images[0][inside].mean()
     assert t1w_error > 0.02  # a T1 map 50 % too long no longer explains the T1w image (2.5 % here)
+
+
+def test_tissue_values_are_redrawn_and_mixed_as_water():
+    from scripts.phantom import TISSUE_RANGES
+
+    fractions = np.zeros((7, 6, 4, 2), np.float32)
+    fractions[3, :3] = 1.0  # pure WM
+    fractions[1, 3:5] = 1.0  # pure CSF
+    fractions[2, 5, :2], fractions[3, 5, :2] = 0.5, 0.5  # GM/WM partial volume
+    fractions[0, 5, 2:] = 1.0  # empty space
+    data = {"fractions": MetaTensor(torch.from_numpy(fractions), affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))}
+    remix = RandTissueValuesd()
+    first = remix.set_random_state(0)(data)
+    second = remix(data)
+    assert np.array_equal(first["mask"][0].numpy(), (fractions[0] < 0.5).astype(np.float32))
+    for name, (low, high) in zip(physics.MAPS, TISSUE_RANGES[3], strict=True):
+        wm = first[name][0, :3].numpy()
+        assert low <= wm.min() and wm.max() <= high  # texture stays inside the tissue's range
+        assert first[name][0, 5, 2:].abs().max() == 0  # no tissue, no signal
+    assert abs(float(first["T1"][0, :3].mean()) - float(second["T1"][0, :3].mean())) > 1.0  # a new draw each call
+
+
+def test_partial_volume_mixes_water_not_numbers():
+    from scripts.phantom import labels_of, mix
+
+    fractions = np.zeros((7, 1), np.float32)
+    fractions[2], fractions[3] = 0.5, 0.5
+    values = {2: np.array([1400.0, 100.0, 80.0]), 3: np.array([800.0, 70.0, 70.0])}
+    maps = mix(fractions, values, np.ones((3, 1), np.float32), labels_of(fractions))
+    water = 0.5 * 80 + 0.5 * 70
+    assert maps["PD"][0] == pytest.approx(water)
+    assert maps["T1"][0] == pytest.approx(water / (0.5 * 80 / 1400 + 0.5 * 70 / 800))
+    assert maps["T2"][0] == pytest.approx(water / (0.5 * 80 / 100 + 0.5 * 70 / 70))

@@ -252,7 +252,7 @@ def _add_head(rng, fractions, voxel_size) -> None:
     fractions[6] = (1.0 - brain) * (inside_head - inside_skull)
 
 
-def _labels(fractions) -> np.ndarray:
+def labels_of(fractions) -> np.ndarray:
     """Brain (fraction >= 0.5) -> its dominant tissue; else head tissue if it outweighs empty space; else 0."""
     brain = fractions[1:5].sum(axis=0)
     head = fractions[5:7].sum(axis=0)
@@ -261,8 +261,22 @@ def _labels(fractions) -> np.ndarray:
     return labels.astype(np.uint8)
 
 
-def _mix(fractions, values, texture, labels) -> dict[str, np.ndarray]:
-    """T1, T2, PD maps from tissue fractions and values: water-weighted relaxation rates (module doc)."""
+def random_tissue_values(rng: np.random.Generator, labels: Sequence[int]) -> dict[int, np.ndarray]:
+    """One (T1, T2, PD) per label, each drawn uniformly within ``TISSUE_RANGES``."""
+    return {label: _uniform(rng, TISSUE_RANGES[label]) for label in labels}
+
+
+def random_texture(rng: np.random.Generator, shape, spacing) -> np.ndarray:
+    """(3, *shape) smooth multiplicative texture of T1, T2 and PD (``_TEXTURE_STD`` over ``_TEXTURE_SIGMA_MM``)."""
+    return 1.0 + _TEXTURE_STD * _smooth_noise(rng, shape, spacing, _TEXTURE_SIGMA_MM, count=3)
+
+
+def mix(fractions, values, texture, labels) -> dict[str, np.ndarray]:
+    """T1, T2, PD maps from tissue fractions and values: water-weighted relaxation rates (module doc).
+
+    ``fractions`` (7, *shape) by label, ``values`` {label: (T1, T2, PD)}, ``texture`` (3, *shape),
+    ``labels`` (*shape) as :func:`labels_of`; maps are 0 where ``labels`` is 0.
+    """
     water = np.zeros(labels.shape, dtype=np.float32)
     r1 = np.zeros_like(water)
     r2 = np.zeros_like(water)
@@ -296,16 +310,15 @@ def make_subject(
     world = _transform(affine, np.indices(shape, dtype=np.float32))
     fractions = np.zeros((len(LABEL_NAMES), *shape), dtype=np.float32)
     fractions[1:4] = _brain_fractions(rng, world, voxel_size)
-    values = {label: _uniform(rng, TISSUE_RANGES[label]) for label in (1, 2, 3)}
+    values = random_tissue_values(rng, (1, 2, 3))
     if lesions:
         _add_lesions(rng, fractions, values, world, voxel_size)
     if head:
         _add_head(rng, fractions, voxel_size)
-        values.update({label: _uniform(rng, TISSUE_RANGES[label]) for label in (5, 6)})
+        values.update(random_tissue_values(rng, (5, 6)))
     fractions[0] = np.clip(1.0 - fractions[1:].sum(axis=0), 0.0, 1.0)
-    labels = _labels(fractions)
-    texture = 1.0 + _TEXTURE_STD * _smooth_noise(rng, shape, voxel_size, _TEXTURE_SIGMA_MM, count=3)
-    maps = _mix(fractions, values, texture, labels)
+    labels = labels_of(fractions)
+    maps = mix(fractions, values, random_texture(rng, shape, voxel_size), labels)
     mask = np.isin(labels, BRAIN_LABELS).astype(np.uint8)
     return {**maps, "mask": mask, "labels": labels, "affine": affine, "fractions": fractions}
 
@@ -366,11 +379,20 @@ def write_subject(subject: dict, out_dir) -> Path:
         else:
             header.set_intent("label", name=key)
         nib.save(image, out_dir / f"{key}.nii.gz")
+    if "fractions" in subject:
+        # (x, y, z, label): training re-mixes them with new tissue values (transforms.RandTissueValuesd);
+        # stored as 8-bit (nibabel sets the scale factor): 1/255 resolution, a quarter of float32's size
+        image = nib.Nifti1Image(np.moveaxis(subject["fractions"], 0, -1), subject["affine"])
+        image.set_data_dtype(np.uint8)
+        image.header.set_xyzt_units(xyz="mm")
+        image.header["descrip"] = b"pdpe-qmri phantom: tissue volume fractions by label (0 = empty space)"
+        nib.save(image, out_dir / "fractions.nii.gz")
     return out_dir
 
 
 def _entry(subject_id: str) -> dict:
-    return {**{key: f"{subject_id}/{key}.nii.gz" for key in _DESCRIPTIONS}, "subject": subject_id}
+    entry = {**{key: f"{subject_id}/{key}.nii.gz" for key in _DESCRIPTIONS}, "subject": subject_id}
+    return entry | ({"fractions": f"{subject_id}/fractions.nii.gz"} if "shepplogan" not in subject_id else {})
 
 
 def subject_rng(seed: int, family: str, index: int) -> np.random.Generator:

@@ -19,15 +19,21 @@ def read_history(run_dir: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def best_epoch(history: list[dict]) -> dict:
+    """The validation round the checkpoint keeps: lowest sum of the per-map MPE in the brain mask."""
+    return min(history, key=lambda r: r["val_mpe_sum"])
+
+
 def summary_rows(names: list[str], histories: list[list[dict]]) -> list[str]:
-    header = "| run | epochs | hours | best epoch | " + " | ".join(f"PSNR {m} (dB)" for m in MAPS) + " | PSNR sum |"
-    rows = [header, "|" + "---|" * (5 + len(MAPS))]
+    header = ("| run | epochs | hours | best epoch | " + " | ".join(f"MPE {m} (%)" for m in MAPS) + " | "
+              + " | ".join(f"PSNR {m} (dB)" for m in MAPS) + " |")  # fmt: skip
+    rows = [header, "|" + "---|" * (4 + 2 * len(MAPS))]
     for name, history in zip(names, histories, strict=True):
-        best = max(history, key=lambda r: r["val_psnr_sum"])
-        last = history[-1]
+        best, last = best_epoch(history), history[-1]
+        mpe = " | ".join(f"{100 * best[f'val_mpe_{m}']:.1f}" for m in MAPS)
         psnr = " | ".join(f"{best[f'val_psnr_{m}']:.2f}" for m in MAPS)
         rows.append(f"| {name} | {int(last['epoch'])} | {last['seconds'] / 3600:.2f} | {int(best['epoch'])} | "
-                    f"{psnr} | {best['val_psnr_sum']:.2f} |")  # fmt: skip
+                    f"{mpe} | {psnr} |")  # fmt: skip
     return rows
 
 
@@ -37,16 +43,18 @@ def plot(names: list[str], histories: list[list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(MAPS) + 1, figsize=(16, 3.8), constrained_layout=True)
+    fig, axes = plt.subplots(2, len(MAPS), figsize=(13, 7), constrained_layout=True, sharex=True)
     for name, history in zip(names, histories, strict=True):
         epochs = [r["epoch"] for r in history]
-        for ax, key in zip(axes, [f"val_psnr_{m}" for m in MAPS] + ["val_psnr_sum"], strict=True):
-            ax.plot(epochs, [r[key] for r in history], marker=".", label=name)
-            ax.set_title(key.replace("val_psnr_", "validation PSNR ").replace("sum", "sum of T1, T2, PD"))
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("dB")
-            ax.grid(alpha=0.3)
-    axes[0].legend()
+        for column, m in enumerate(MAPS):
+            axes[0, column].plot(epochs, [100 * r[f"val_mpe_{m}"] for r in history], marker=".", label=name)
+            axes[1, column].plot(epochs, [r[f"val_psnr_{m}"] for r in history], marker=".", label=name)
+            axes[0, column].set_title(f"validation MPE {m} (%, lower is better)")
+            axes[1, column].set_title(f"validation PSNR {m} (dB)")
+            axes[1, column].set_xlabel("epoch")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -62,7 +70,7 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table = "\n".join(summary_rows(names, histories))
     args.out.with_suffix(".md").write_text(
-        "Validation PSNR in the brain mask (best epoch by the PSNR sum), from "
+        "Validation MPE and PSNR in the brain mask (best epoch: lowest MPE sum, the checkpoint's key metric), from "
         f"`python bundle/scripts/training_summary.py {' '.join(map(str, args.runs))} --names {' '.join(names)} "
         f"--out {args.out}`:\n\n{table}\n\n![learning curves]({args.out.name}.png)\n"
     )

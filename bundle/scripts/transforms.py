@@ -20,9 +20,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform, ResampleToMatch
 from monai.transforms.utils_pytorch_numpy_unification import percentile
-from monai.utils import convert_to_tensor
+from monai.utils import convert_to_numpy, convert_to_tensor
 
-from scripts import physics
+from scripts import phantom, physics
 
 
 def _in_mask(mask) -> torch.Tensor:
@@ -63,6 +63,47 @@ class ClipPercentiled(MapTransform):
                 low, high = percentile(channel[inside], [self.lower, self.upper])
                 out[c] = torch.clamp(channel, low, high)
             d[key] = out
+        return d
+
+
+class RandTissueValuesd(RandomizableTransform, MapTransform):
+    """New T1/T2/PD maps of the same anatomy: tissue fractions re-mixed with freshly drawn tissue values.
+
+    A cohort of N subjects holds only N draws of the per-subject tissue values, and those values are what
+    ROI means (the figures users read) depend on; re-drawing them for every sample teaches the network the
+    whole prior of ``phantom.TISSUE_RANGES`` rather than N points of it. Values, texture and partial-volume
+    mixing are the phantom's own (``phantom.random_tissue_values``, ``random_texture``, ``mix``).
+
+    Args:
+        keys: the (7, *spatial) tissue fractions by label (``phantom.LABEL_NAMES``), e.g. ``fractions.nii.gz``.
+        output_keys: names of the new T1 (ms), T2 (ms) and PD (p.u.) maps, in ``physics.MAPS`` order.
+        mask_key: where the brain mask (labels 1-4 of the fractions) goes, consistent with the new maps.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "fractions",
+        output_keys: Sequence[str] = physics.MAPS,
+        mask_key: str = "mask",
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        self.output_keys, self.mask_key = tuple(output_keys), mask_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        (key,) = self.keys
+        fractions = MetaTensor(d[key])
+        f = convert_to_numpy(fractions, dtype=np.float32)
+        labels = phantom.labels_of(f)
+        rng = np.random.default_rng(self.R.randint(2**32, dtype=np.uint64))  # the phantom draws from a Generator
+        values = phantom.random_tissue_values(rng, [k for k in phantom.TISSUE_RANGES if f[k].any()])
+        texture = phantom.random_texture(rng, labels.shape, fractions.pixdim.tolist())
+        maps = phantom.mix(f, values, texture, labels)
+        for name, out in zip(physics.MAPS, self.output_keys, strict=True):
+            d[out] = MetaTensor(torch.from_numpy(maps[name])[None], meta=dict(fractions.meta))
+        mask = np.isin(labels, phantom.BRAIN_LABELS).astype(np.float32)
+        d[self.mask_key] = MetaTensor(torch.from_numpy(mask)[None], meta=dict(fractions.meta))
         return d
 
 
