@@ -167,7 +167,7 @@ def _smooth_noise(rng, shape, spacing, sigma_mm, count=1) -> np.ndarray:
     return fields
 
 
-def _rotation(angles) -> np.ndarray:
+def rotation(angles) -> np.ndarray:
     """Rotation matrix from angles (rad) about x, y, z."""
     matrix = np.eye(3)
     for axis, angle in enumerate(angles):
@@ -196,7 +196,7 @@ def _brain_fractions(rng, world, voxel_size) -> np.ndarray:
     """(CSF, GM, WM) volume fractions of one random subject on the grid of ``world``, (3, *shape)."""
     probabilities, to_voxel = _template(tuple(voxel_size))
     # Random affine about the brain centre c, as a pull-back: q = A (p - c - t) + c.
-    linear = _rotation(np.deg2rad(rng.uniform(-8, 8, 3))) @ np.diag(rng.uniform(0.92, 1.08, 3))
+    linear = rotation(np.deg2rad(rng.uniform(-8, 8, 3))) @ np.diag(rng.uniform(0.92, 1.08, 3))
     center = np.asarray(BRAIN_CENTER_MM)
     pullback = np.eye(4)
     pullback[:3, :3] = linear

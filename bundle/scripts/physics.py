@@ -111,3 +111,65 @@ def protocol_violations(params, ranges=None) -> list[str]:
             if not low <= value <= high:
                 problems.append(f"{series} {name} = {value:g} ms is outside the training range [{low:g}, {high:g}] ms")
     return problems
+
+
+#: Bounds of the voxel-wise fit: T1 (ms), T2 (ms), PD (p.u.).
+FIT_BOUNDS = {"T1": (50.0, 10000.0), "T2": (5.0, 5000.0), "PD": (0.1, 200.0)}
+
+
+def fit_maps(images, params, gains, iterations: int = 30, chunk: int = 20000) -> np.ndarray:
+    """Voxel-wise least-squares fit of (T1, T2, PD) to weighted images with known receiver gains.
+
+    ``images`` (3, N) hold the voxels of the series (``SERIES`` order, scanner units), ``params`` (3, 3)
+    their TR/TE/TI (ms), ``gains`` (3,) the scanner units per p.u. of ``signal``. With three series and three
+    unknowns per voxel the fit is a solve: a grid search over (T1, T2) with PD in closed form picks the start
+    (the equations have several local minima), then Levenberg-Marquardt on (log T1, log T2, log PD) polishes
+    it. Returns (3, N) maps in ``MAPS`` order (ms, ms, p.u.), inside ``FIT_BOUNDS``.
+    """
+    y = torch.as_tensor(np.asarray(images, dtype=np.float64) / np.asarray(gains, dtype=np.float64)[:, None])
+    protocol = torch.as_tensor(np.asarray(params, dtype=np.float64))
+    out = np.empty((3, y.shape[1]))
+    for start in range(0, y.shape[1], chunk):
+        out[:, start : start + chunk] = _fit_chunk(y[:, start : start + chunk], protocol, iterations).numpy()
+    return out
+
+
+def _model(theta: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor:
+    """(3 series, N) signals of log-parameters ``theta`` (3: log T1, log T2, log PD, N)."""
+    t1, t2, pd = torch.exp(theta)
+    return torch.stack([signal(pd, t1, t2, *row) for row in protocol])
+
+
+def _fit_chunk(y: torch.Tensor, protocol: torch.Tensor, iterations: int) -> torch.Tensor:
+    low = torch.log(torch.tensor([FIT_BOUNDS[m][0] for m in MAPS], dtype=y.dtype))[:, None]
+    high = torch.log(torch.tensor([FIT_BOUNDS[m][1] for m in MAPS], dtype=y.dtype))[:, None]
+    t1_grid, t2_grid = torch.meshgrid(
+        torch.logspace(np.log10(200.0), np.log10(6000.0), 48, dtype=y.dtype),
+        torch.logspace(np.log10(20.0), np.log10(3000.0), 48, dtype=y.dtype),
+        indexing="ij",
+    )
+    shapes = torch.stack([signal(torch.ones_like(t1_grid), t1_grid, t2_grid, *row) for row in protocol]).reshape(3, -1)
+    # best candidate = largest (shape . y)^2 / |shape|^2, with PD = (shape . y) / |shape|^2 (float32: a matmul)
+    norm = (shapes * shapes).sum(0)
+    projection = shapes.T.float() @ y.float()  # (grid, N)
+    best = (projection**2 / norm[:, None].float()).argmax(0)
+    pd = projection[best, torch.arange(y.shape[1])].double() / norm[best]
+    theta = torch.stack([t1_grid.reshape(-1)[best], t2_grid.reshape(-1)[best], pd])
+    theta = torch.log(theta.clamp_min(1e-3)).clamp(low, high)
+    damping = torch.full((y.shape[1],), 1e-3, dtype=y.dtype)
+    step = 1e-6
+    for _ in range(iterations):
+        residual = _model(theta, protocol) - y
+        jacobian = torch.stack(
+            [(_model(theta + step * torch.eye(3, dtype=y.dtype)[:, k : k + 1], protocol) - y - residual) / step
+             for k in range(3)], dim=-1,
+        ).permute(1, 0, 2)  # (N, series, parameter)  # fmt: skip
+        jtj = jacobian.transpose(1, 2) @ jacobian
+        gradient = (jacobian.transpose(1, 2) @ residual.T[:, :, None])[:, :, 0]
+        system = jtj + damping[:, None, None] * torch.diag_embed(torch.diagonal(jtj, dim1=1, dim2=2) + 1e-12)
+        delta = torch.linalg.solve(system, -gradient).T
+        candidate = (theta + delta).clamp(low, high)
+        better = ((_model(candidate, protocol) - y) ** 2).sum(0) < (residual**2).sum(0)
+        theta = torch.where(better, candidate, theta)
+        damping = torch.where(better, damping / 3, damping * 5).clamp(1e-9, 1e9)
+    return torch.exp(theta)

@@ -1,0 +1,84 @@
+"""Clinical-like studies and their evaluation: acquisitions read back as written, metrics with known answers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from scripts import clinical_eval, physics
+from scripts.clinical_studies import PROTOCOLS, acquire_study
+from scripts.study import load_study
+
+PHILIPS = np.array([[229.69, 2.3, 0.0], [2364.65, 90.0, 0.0], [7000.0, 120.0, 2250.0]])
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """One coarse (4 mm anatomy) Philips-like study."""
+    return acquire_study(tmp_path_factory.mktemp("clinical"), {"philips": PROTOCOLS["philips"]}, seed=1,
+                         fine_voxel=4.0)[0]  # fmt: skip
+
+
+def _signal(maps, protocol_row):
+    """Signal of (T1, T2, PD) maps stacked in ``physics.MAPS`` order."""
+    return physics.signal(maps[2], maps[0], maps[1], *protocol_row)
+
+
+def test_fit_recovers_noise_free_tissue_values():
+    wm, gm, lesion = (800.0, 75.0, 70.0), (1400.0, 100.0, 82.0), (2000.0, 250.0, 88.0)
+    t1, t2, pd = np.array([wm, gm, lesion]).T
+    gains = np.array([12.0, 3.0, 0.4])
+    images = np.stack([g * physics.signal(pd, t1, t2, *row) for g, row in zip(gains, PHILIPS, strict=True)])
+    fitted = physics.fit_maps(images, PHILIPS, gains)
+    np.testing.assert_allclose(fitted, np.stack([t1, t2, pd]), rtol=1e-6)
+
+
+def test_study_reads_back_as_acquired(study):
+    acquisition = json.loads((study / "truth" / "acquisition.json").read_text())
+    chosen, _, every = load_study(study / "dicom")
+    assert len(every) == 4 and "localizer" in [s.description for s in every]  # the scout is read, never chosen
+    for name, row in zip(physics.SERIES, PHILIPS, strict=True):
+        series = chosen[name]
+        assert [series.tr, series.te, series.ti] == pytest.approx(row)
+        assert list(series.volume.shape) == acquisition["series"][name]["shape"]
+        np.testing.assert_allclose(series.affine, acquisition["series"][name]["affine"], atol=1e-3)
+    assert chosen["T1w"].affine[2, 2] < np.linalg.norm(chosen["T1w"].affine[:3, 2])  # oblique slices
+    assert chosen["T1w"].volume.shape != chosen["FLAIR"].volume.shape  # a matrix of its own per series
+    truth, labels = clinical_eval._truth(study)
+    assert truth.shape[1:] == chosen["T1w"].volume.shape
+    # stored values = gain x bias field x signal of the truth (+ noise): the recorded gain is the scanner's
+    brain = labels == 3
+    expected = acquisition["series"]["T1w"]["gain_counts_per_pu"] * _signal(truth, PHILIPS[0])
+    assert np.median(chosen["T1w"].volume[brain] / expected[brain]) == pytest.approx(1.0, abs=0.2)
+
+
+def test_scores_of_the_truth_and_of_a_known_error(study):
+    truth, labels = clinical_eval._truth(study)
+    perfect = clinical_eval.score(truth, truth, labels)
+    for name in physics.MAPS:
+        assert perfect[name]["WM_bias"] == 0 and perfect[name]["mpe"] == 0 and perfect[name]["psnr"] == np.inf
+        assert perfect[name]["ssim"] == pytest.approx(1.0)
+    off = clinical_eval.score(truth * np.array([1.1, 1.0, 0.95], dtype=np.float32)[:, None, None, None], truth, labels)
+    assert off["T1"]["WM_bias"] == pytest.approx(10.0, abs=1e-3) and off["T1"]["mpe"] == pytest.approx(10.0, abs=1e-3)
+    assert off["PD"]["GM_bias"] == pytest.approx(-5.0, abs=1e-3) and off["T2"]["mpe"] == 0
+
+
+def test_oracle_fit_on_noise_free_images_has_no_bias(study):
+    truth, labels = clinical_eval._truth(study)
+    brain = np.isin(labels, (1, 2, 3, 4))
+    gains = np.array([5.0, 9.0, 2.0])
+    images = np.stack([g * _signal(truth, row) for g, row in zip(gains, PHILIPS, strict=True)])
+    fitted = np.zeros_like(truth)
+    fitted[:, brain] = physics.fit_maps(images[:, brain], PHILIPS, gains)
+    figures = clinical_eval.score(fitted, truth, labels)
+    for name in physics.MAPS:
+        assert abs(figures[name]["WM_bias"]) < 0.01 and abs(figures[name]["GM_bias"]) < 0.01
+        assert figures[name]["mpe"] < 0.01
+
+
+def test_verdict_names_met_and_missed_targets():
+    rows = [{"study": "a", "method": "m", "map": name, "WM_bias": bias, "GM_bias": 0.5, "mpe": 4.0, "psnr": 31.0}
+            for name, bias in zip(physics.MAPS, (1.0, -4.0, 2.0), strict=True)]  # fmt: skip
+    lines = clinical_eval.verdict(rows, "m", {"a"}, set())
+    assert "bias +1.0 % (target ±3 %: met)" in lines[0] and "bias -4.0 % (target ±3 %: not met)" in lines[1]
+    assert "PSNR 31.0 dB (target 30 dB: met)" in lines[2]
