@@ -52,9 +52,10 @@ def model(tmp_path_factory):
     return {"training_configs": ["train.json", "train_cpu.json", str(tiny)], "ckpt_path": str(checkpoint)}
 
 
-def _infer(study_dir, output_dir, model, **overrides):
+def _infer(study_dir, output_dir, model, refine=False, **overrides):
+    """Run inference in-process; the constant-map network is tested without the physics refinement by default."""
     workflow = ConfigWorkflow(config_file=INFERENCE, workflow_type="infer", study_dir=str(study_dir),
-                              output_dir=str(output_dir), **model, **overrides)  # fmt: skip
+                              output_dir=str(output_dir), refine=refine, **model, **overrides)  # fmt: skip
     workflow.initialize()
     assert workflow.check_properties() in (None, [])
     workflow.run()
@@ -81,7 +82,7 @@ def test_dicom_study_gives_maps_in_physical_units_on_the_t1w_grid(sample, model,
     used = {i["used_as"]: [i["TR_ms"], i["TE_ms"], i["TI_ms"]] for i in report["inputs"]}
     assert [used[s] for s in physics.SERIES] == protocol
     assert all(w.split(":")[0] in physics.SERIES and "re-synthesised" in w for w in report["warnings"])  # QA only
-    assert report["brain_mask"].startswith("user mask")
+    assert report["brain_mask"].startswith("user mask") and report["physics_refinement"] == {"enabled": False}
     assert set(report["qa"]) == set(physics.SERIES) and set(report["timings"]) >= {"read_study_s", "write_s"}
     assert (out / "qa.png").stat().st_size > 10_000
     assert all((out / "qa" / f"residual_{s}.nii.gz").exists() for s in physics.SERIES)
@@ -206,3 +207,12 @@ def test_unwritable_output_folder_fails_before_any_work(sample, model, tmp_path)
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit, match="cannot write the output folder"):
         _infer(sample["dicom"], blocker / "maps", model)
+
+
+def test_refinement_moves_the_maps_towards_the_images(sample, model, tmp_path):
+    """From constant maps (T2 500 ms everywhere), refinement against the images gives tissue-like contrast."""
+    report = _infer(sample["dicom"], tmp_path / "maps", model, refine="true", mask=str(sample["truth"] / "mask.nii.gz"))
+    assert report["physics_refinement"]["enabled"] and len(report["physics_refinement"]["gains_per_pu"]) == 3
+    labels = nib.load(sample["truth"] / "labels.nii.gz").get_fdata()
+    t1 = nib.load(tmp_path / "maps" / "T1_map.nii.gz").get_fdata()
+    assert np.median(t1[labels == 2]) > 1.1 * np.median(t1[labels == 3])  # GM T1 above WM T1 again

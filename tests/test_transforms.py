@@ -10,6 +10,7 @@ from scripts.transforms import (
     ClipPercentiled,
     MaskedMaxNormalized,
     NormalizeParametersd,
+    PhysicsRefined,
     RandRicianNoiseSNRd,
     RandTissueValuesd,
     ResynthesisResiduald,
@@ -187,3 +188,33 @@ def test_partial_volume_mixes_water_not_numbers():
     assert maps["PD"][0] == pytest.approx(water)
     assert maps["T1"][0] == pytest.approx(water / (0.5 * 80 / 1400 + 0.5 * 70 / 800))
     assert maps["T2"][0] == pytest.approx(water / (0.5 * 80 / 100 + 0.5 * 70 / 70))
+
+
+def _refinement_case(seed=0):
+    """True maps of WM/GM/CSF slabs, their gain-scaled images (little noise), a prior with 10 % random T1 errors."""
+    rng = np.random.default_rng(seed)
+    values = np.array([[800.0, 75.0, 70.0], [1400.0, 100.0, 82.0], [4000.0, 1500.0, 98.0]])
+    tissue = np.repeat(np.arange(3), [8, 8, 4])  # slabs along the first axis: neighbours share a tissue
+    truth = np.broadcast_to(values[tissue].T[:, :, None, None], (3, 20, 10, 10)).astype(np.float32)
+    protocol = np.array([[550.0, 10.0, 0.0], [5000.0, 100.0, 0.0], [9000.0, 120.0, 2500.0]])
+    gains = np.array([20.0, 15.0, 30.0])
+    images = {f"{s}_grid": torch.from_numpy(g * physics.signal(truth[2], truth[0], truth[1], *row)[None]
+                                            + rng.normal(0, 0.1, (1, *truth.shape[1:]))).float()
+              for s, g, row in zip(physics.SERIES, gains, protocol, strict=True)}  # fmt: skip
+    prior = truth.copy()
+    prior[0] *= np.exp(rng.normal(0.0, 0.1, truth.shape[1:]))
+    data = {"pred": torch.from_numpy(prior), "brain_mask": torch.ones(1, 20, 10, 10),
+            "params": torch.from_numpy(physics.normalize_parameters(protocol)), **images}  # fmt: skip
+    return data, truth
+
+
+def test_physics_refinement_recovers_tissue_t1_from_a_perturbed_prior():
+    data, truth = _refinement_case()
+    out = PhysicsRefined()(data)
+    tissue = truth[0] < 2000
+    before = np.abs(data["pred"][0].numpy()[tissue] / truth[0][tissue] - 1)
+    after = np.abs(out["pred"][0].numpy()[tissue] / truth[0][tissue] - 1)
+    assert before.mean() > 0.07 and after.mean() < 0.01
+    assert out["refinement"]["gains_per_pu"] == pytest.approx([20.0, 15.0, 30.0], rel=0.05)
+    off = PhysicsRefined(enabled=False)(data)
+    assert off["refinement"] == {"enabled": False} and torch.equal(off["pred"], data["pred"])

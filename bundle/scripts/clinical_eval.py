@@ -68,12 +68,15 @@ TARGETS = {"bias": 3.0, "mpe": 6.0, "psnr": 30.0, "bias_out_of_range": 8.0}
 FAMILY = {study_id: protocol for study_id, protocol, _ in EVALUATION_STUDIES}
 
 
-def network_maps(name: str, checkpoint: str, overlay: str | None, study: Path, out: Path) -> tuple[np.ndarray, dict]:
+def network_maps(
+    name: str, checkpoint: str, overlay: str | None, refine: bool, study: Path, out: Path
+) -> tuple[np.ndarray, dict]:
     """Run the README's inference command on ``study``; return the maps (3, ...) and the report."""
     configs = ["train.json", "train_cpu.json", *([overlay] if overlay else [])]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
            str(BUNDLE / "configs" / "inference.json"), "--study_dir", str(study / "dicom"), "--output_dir", str(out),
-           "--overwrite", "true", "--ckpt_path", checkpoint, "--training_configs", json.dumps(configs)]  # fmt: skip
+           "--overwrite", "true", "--ckpt_path", checkpoint, "--training_configs", json.dumps(configs),
+           "--refine", str(refine).lower()]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -83,8 +86,14 @@ def network_maps(name: str, checkpoint: str, overlay: str | None, study: Path, o
     return np.stack([nib.load(out / f"{m}_map.nii.gz").get_fdata(dtype=np.float32) for m in physics.MAPS]), report
 
 
-def fitted_maps(study: Path, mask: np.ndarray, oracle: bool) -> tuple[np.ndarray, dict]:
-    """Voxel-wise fit inside ``mask`` on the T1w grid: known gains (oracle) or gains from the median brain."""
+def fitted_maps(study: Path, mask: np.ndarray, oracle: bool, cache: Path) -> tuple[np.ndarray, dict]:
+    """Voxel-wise fit inside ``mask`` on the T1w grid: known gains (oracle) or gains from the median brain.
+
+    The fits do not depend on any network, so they are kept in ``cache`` (an .npz) for the next run.
+    """
+    if cache.exists():
+        saved = np.load(cache)
+        return saved["maps"], json.loads(str(saved["extra"]))
     start = time.perf_counter()
     chosen, _, _ = load_study(study / "dicom")
     t1w = chosen["T1w"]
@@ -103,7 +112,10 @@ def fitted_maps(study: Path, mask: np.ndarray, oracle: bool) -> tuple[np.ndarray
         gains = np.median(inside, axis=1) / np.array([physics.signal(pd, t1, t2, *row) for row in params])
     maps = np.zeros((3, *mask.shape), dtype=np.float32)
     maps[:, mask] = physics.fit_maps(inside, params, gains)
-    return maps, {"wall_s": time.perf_counter() - start, "gains": gains.tolist()}
+    extra = {"wall_s": time.perf_counter() - start, "gains": gains.tolist()}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(cache, maps=maps, extra=json.dumps(extra))
+    return maps, extra
 
 
 def score(pred: np.ndarray, truth: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, float]]:
@@ -152,7 +164,8 @@ def evaluate(models: dict, studies: list[Path], work: Path) -> tuple[list[dict],
             if method in models:
                 maps, extra = network_maps(method, *models[method], study, work / "maps" / method / study.name)
             else:
-                maps, extra = fitted_maps(study, np.isin(labels, list(ROIS)), oracle=method == "oracle fit")
+                cache = work / "fits" / study.name / f"{method.replace(' ', '_')}.npz"
+                maps, extra = fitted_maps(study, np.isin(labels, list(ROIS)), method == "oracle fit", cache)
             print(f"{study.name}: {method} done in {extra['wall_s']:.1f} s", flush=True)
             qa = {s: 100 * q["relative_mean_abs_residual"] for s, q in extra.get("qa", {}).items()}
             for name, figures in score(maps, truth, labels).items():
@@ -309,6 +322,8 @@ def main(argv=None) -> None:
     parser.add_argument("--docs", type=Path, required=True, help="where results.md and the figures go")
     parser.add_argument("--metadata", type=Path, help="metadata.json whose eval_metrics to update")
     parser.add_argument("--fine-voxel", type=float, default=1.0, help="anatomy grid of the studies (mm)")
+    parser.add_argument("--without-refinement", action="store_true",
+                        help="also map with --refine false, as '<name>, no refinement'")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.time()
@@ -316,7 +331,9 @@ def main(argv=None) -> None:
     for spec in args.model:
         name, _, rest = spec.partition("=")
         checkpoint, _, overlay = rest.partition(":")
-        models[name] = (str(Path(checkpoint).resolve()), overlay or None)
+        models[name] = (str(Path(checkpoint).resolve()), overlay or None, True)
+        if args.without_refinement:
+            models[f"{name}, no refinement"] = (str(Path(checkpoint).resolve()), overlay or None, False)
     if not (args.work / "studies" / "invariance").is_dir():
         write_evaluation_studies(args.work / "studies", args.fine_voxel)
     studies = [args.work / "studies" / study_id for study_id, _, _ in EVALUATION_STUDIES]
@@ -336,7 +353,8 @@ def main(argv=None) -> None:
     nse_figure(studies[0], kept[studies[0].name], methods, args.docs / "clinical_nse.png")
     in_range = {s for s, family in FAMILY.items() if family != "out_of_range"}
     out_of_range = set(FAMILY) - in_range
-    command = "python bundle/scripts/clinical_eval.py " + " ".join(f"--model {m}" for m in args.model)
+    command = "python bundle/scripts/clinical_eval.py " + " ".join(f"--model '{m}'" for m in args.model)
+    command += " --without-refinement" if args.without_refinement else ""
     command += f" --docs {args.docs}" + (f" --metadata {args.metadata}" if args.metadata else "")
     minutes = (time.time() - start) / 60
     text = RESULTS.format(

@@ -58,7 +58,7 @@ class OutputFolder:
     """
 
     def __init__(self, path: str | None, overwrite: bool | str = False, inputs: list | None = None) -> None:
-        overwrite = _flag(overwrite, "--overwrite")
+        overwrite = flag(overwrite, "--overwrite")
         if not path:
             fail("no output folder given: pass --output_dir <folder>.")
         self.path = Path(path).resolve()
@@ -112,7 +112,7 @@ class OutputFolder:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def _flag(value: bool | int | str, name: str) -> bool:
+def flag(value: bool | int | str, name: str) -> bool:
     """A yes/no option as the command line delivers it: ``--overwrite true`` arrives as the string 'true'."""
     if isinstance(value, bool | int):
         return bool(value)
@@ -265,7 +265,8 @@ class StudyWriter:
         dicom = self._write_dicom(np.where(mask, maps, 0.0), out / "dicom")
         warnings = [*self.output.warnings, *self.study.warnings, *(q["warning"] for q in qa.values() if "warning" in q)]
         timings = self._timings(batch, time.perf_counter() - start)
-        report = {**self._report(batch, qa, warnings, timings), "dicom": dicom}
+        refinement = output.get("refinement", {"enabled": False})
+        report = {**self._report(batch, qa, warnings, timings), "physics_refinement": refinement, "dicom": dicom}
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         self.output.commit()
         LOG.info("Wrote %s", self.output.path)

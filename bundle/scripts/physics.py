@@ -117,20 +117,36 @@ def protocol_violations(params, ranges=None) -> list[str]:
 FIT_BOUNDS = {"T1": (50.0, 10000.0), "T2": (5.0, 5000.0), "PD": (0.1, 200.0)}
 
 
-def fit_maps(images, params, gains, iterations: int = 30, chunk: int = 20000) -> np.ndarray:
+def fit_maps(
+    images, params, gains, prior=None, prior_width=None, noise=None, iterations: int = 30, chunk: int = 20000
+) -> np.ndarray:
     """Voxel-wise least-squares fit of (T1, T2, PD) to weighted images with known receiver gains.
 
     ``images`` (3, N) hold the voxels of the series (``SERIES`` order, scanner units), ``params`` (3, 3)
-    their TR/TE/TI (ms), ``gains`` (3,) the scanner units per p.u. of ``signal``. With three series and three
-    unknowns per voxel the fit is a solve: a grid search over (T1, T2) with PD in closed form picks the start
-    (the equations have several local minima), then Levenberg-Marquardt on (log T1, log T2, log PD) polishes
-    it. Returns (3, N) maps in ``MAPS`` order (ms, ms, p.u.), inside ``FIT_BOUNDS``.
+    their TR/TE/TI (ms), ``gains`` (3,) the scanner units per p.u. of ``signal``. Returns (3, N) maps in
+    ``MAPS`` order (ms, ms, p.u.), inside ``FIT_BOUNDS``; Levenberg-Marquardt on (log T1, log T2, log PD).
+
+    Without ``prior`` the fit is a solve (three series, three unknowns per voxel): a grid search over
+    (T1, T2) with PD in closed form picks the start, since the equations have several local minima.
+    With ``prior`` ((3, N) maps, e.g. a network's) the fit starts there and is a maximum a posteriori
+    estimate: residuals divided by ``noise`` ((3,) standard deviation per series in p.u.), plus
+    ``(log map - log prior) / prior_width`` ((3,) widths in log units, e.g. 0.1 = 10 %). Where the images
+    determine a map poorly (CSF T1 and T2) it stays near the prior; elsewhere the data win.
     """
     y = torch.as_tensor(np.asarray(images, dtype=np.float64) / np.asarray(gains, dtype=np.float64)[:, None])
     protocol = torch.as_tensor(np.asarray(params, dtype=np.float64))
+    if prior is not None:
+        prior = torch.log(torch.as_tensor(np.asarray(prior, dtype=np.float64)).clamp_min(1e-3))
+        weights = (
+            torch.as_tensor(np.asarray(noise, dtype=np.float64)),
+            torch.as_tensor(np.asarray(prior_width, dtype=np.float64)),
+        )
     out = np.empty((3, y.shape[1]))
     for start in range(0, y.shape[1], chunk):
-        out[:, start : start + chunk] = _fit_chunk(y[:, start : start + chunk], protocol, iterations).numpy()
+        part = slice(start, start + chunk)
+        start_theta = _grid_start(y[:, part], protocol) if prior is None else prior[:, part]
+        anchor = None if prior is None else (prior[:, part], *weights)
+        out[:, part] = _levenberg_marquardt(y[:, part], protocol, start_theta, anchor, iterations).numpy()
     return out
 
 
@@ -140,9 +156,13 @@ def _model(theta: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor:
     return torch.stack([signal(pd, t1, t2, *row) for row in protocol])
 
 
-def _fit_chunk(y: torch.Tensor, protocol: torch.Tensor, iterations: int) -> torch.Tensor:
-    low = torch.log(torch.tensor([FIT_BOUNDS[m][0] for m in MAPS], dtype=y.dtype))[:, None]
-    high = torch.log(torch.tensor([FIT_BOUNDS[m][1] for m in MAPS], dtype=y.dtype))[:, None]
+def _log_bounds(dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    low, high = (torch.log(torch.tensor([FIT_BOUNDS[m][i] for m in MAPS], dtype=dtype))[:, None] for i in (0, 1))
+    return low, high
+
+
+def _grid_start(y: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor:
+    """Log-parameters of the best (T1, T2) on a log grid, PD in closed form."""
     t1_grid, t2_grid = torch.meshgrid(
         torch.logspace(np.log10(200.0), np.log10(6000.0), 48, dtype=y.dtype),
         torch.logspace(np.log10(20.0), np.log10(3000.0), 48, dtype=y.dtype),
@@ -155,21 +175,33 @@ def _fit_chunk(y: torch.Tensor, protocol: torch.Tensor, iterations: int) -> torc
     best = (projection**2 / norm[:, None].float()).argmax(0)
     pd = projection[best, torch.arange(y.shape[1])].double() / norm[best]
     theta = torch.stack([t1_grid.reshape(-1)[best], t2_grid.reshape(-1)[best], pd])
-    theta = torch.log(theta.clamp_min(1e-3)).clamp(low, high)
+    return torch.log(theta.clamp_min(1e-3)).clamp(*_log_bounds(y.dtype))
+
+
+def _levenberg_marquardt(y, protocol, theta, anchor, iterations: int) -> torch.Tensor:
+    """Minimise |(model - y) / noise|^2 (+ |(theta - prior) / width|^2 with ``anchor``) voxel by voxel."""
+    low, high = _log_bounds(y.dtype)
+    prior, noise, width = anchor if anchor is not None else (None, torch.ones(3, dtype=y.dtype), None)
+    noise = noise.reshape(3, 1)
+
+    def residuals(t):
+        data = (_model(t, protocol) - y) / noise
+        return data if prior is None else torch.cat([data, (t - prior) / width.reshape(3, 1)])
+
+    theta = theta.clamp(low, high)
     damping = torch.full((y.shape[1],), 1e-3, dtype=y.dtype)
     step = 1e-6
     for _ in range(iterations):
-        residual = _model(theta, protocol) - y
+        residual = residuals(theta)
         jacobian = torch.stack(
-            [(_model(theta + step * torch.eye(3, dtype=y.dtype)[:, k : k + 1], protocol) - y - residual) / step
-             for k in range(3)], dim=-1,
-        ).permute(1, 0, 2)  # (N, series, parameter)  # fmt: skip
+            [(residuals(theta + step * torch.eye(3, dtype=y.dtype)[:, k : k + 1]) - residual) / step for k in range(3)],
+            dim=-1,
+        ).permute(1, 0, 2)  # (N, residual, parameter)
         jtj = jacobian.transpose(1, 2) @ jacobian
         gradient = (jacobian.transpose(1, 2) @ residual.T[:, :, None])[:, :, 0]
         system = jtj + damping[:, None, None] * torch.diag_embed(torch.diagonal(jtj, dim1=1, dim2=2) + 1e-12)
-        delta = torch.linalg.solve(system, -gradient).T
-        candidate = (theta + delta).clamp(low, high)
-        better = ((_model(candidate, protocol) - y) ** 2).sum(0) < (residual**2).sum(0)
+        candidate = (theta + torch.linalg.solve(system, -gradient).T).clamp(low, high)
+        better = (residuals(candidate) ** 2).sum(0) < (residual**2).sum(0)
         theta = torch.where(better, candidate, theta)
         damping = torch.where(better, damping / 3, damping * 5).clamp(1e-9, 1e9)
     return torch.exp(theta)
