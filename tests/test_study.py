@@ -16,6 +16,7 @@ from scripts.study import (
     StudyError,
     classify,
     description_hint,
+    identity_mismatches,
     load_study,
     protocol_class,
     read_study,
@@ -418,22 +419,34 @@ def test_non_mr_modality(tmp_path, caplog):
     assert "another modality than MR" in caplog.text and "Modality (0008,0060) = 'CT'" in caplog.text
 
 
-def test_truncated_edge_slice_is_skipped_but_a_gap_fails(tmp_path, caplog):
-    affine = oblique_affine()
-    paths = write_study(tmp_path, affine=affine)
-    first = paths["T1w"][0]
-    first.write_bytes(first.read_bytes()[:-100])
-    with caplog.at_level(logging.WARNING, logger="scripts.study"):
-        chosen, _, _ = load_study(tmp_path)
-    assert f"Skipped {first}: unreadable (pixel data truncated" in caplog.text
-    t1 = chosen["T1w"]
-    assert t1.shape == (16, 12, 4) and first not in t1.files
-    np.testing.assert_allclose(t1.affine[:3, 3], (affine @ [0, 0, 1, 1])[:3], atol=1e-6)  # starts one slice later
-    np.testing.assert_allclose(t1.volume, image(2)[:, :, 1:], atol=quantum(image(2)))
+def test_a_broken_file_of_a_series_is_an_error_naming_it(tmp_path):
+    paths = write_study(tmp_path)
+    last = paths["T1w"][-1]
+    original = last.read_bytes()
+    last.write_bytes(original[:-100])  # the edge slice: no gap betrays it, so it must not vanish silently
+    raises(tmp_path, "T1w", str(last), "PixelData (7FE0,0010) holds", "promise")
+    last.write_bytes(original)
+    edit(last, Rows=6)  # the header says half the rows that the pixel data hold
+    raises(tmp_path, str(last), "PixelData (7FE0,0010) holds 384 bytes", "Rows (0028,0010)", "promise 192")
 
-    middle = paths["T2w"][2]
-    middle.write_bytes(middle.read_bytes()[:700])
-    raises(tmp_path, "inconsistent slice spacing", "a slice is missing", f"Skipped unreadable files: {middle}")
+
+def test_series_of_two_patients_need_an_explicit_override(tmp_path):
+    paths = write_study(tmp_path)
+    for path in paths["T2w"]:
+        edit(path, PatientID="SOMEONE-ELSE")
+    raises(tmp_path, "different patients", "PatientID (0010,0020) differs", "SOMEONE-ELSE", "--allow_mixed_study")
+    chosen, _, _ = load_study(tmp_path, allow_mixed=True)
+    (mismatch,) = identity_mismatches(chosen)  # one attribute differs: the StudyInstanceUID is shared
+    assert mismatch.startswith("PatientID (0010,0020) differs") and "T2w series 3" in mismatch
+
+
+def test_multi_valued_timing_must_agree(tmp_path):
+    paths = write_study(tmp_path)
+    for path in paths["T1w"]:
+        edit(path, RepetitionTime=["500", "500"])
+    assert load_study(tmp_path)[0]["T1w"].tr == 500.0
+    edit(paths["T1w"][0], RepetitionTime=["500", "230"])
+    raises(tmp_path, str(paths["T1w"][0]), "RepetitionTime (0018,0080)", "different values")
 
 
 def test_inconsistent_orientation_and_spacing(tmp_path):

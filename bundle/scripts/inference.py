@@ -24,7 +24,7 @@ from monai.data import MetaTensor
 from monai.utils import convert_to_numpy
 
 from scripts import physics
-from scripts.study import StudyError, load_study, write_parametric_map
+from scripts.study import StudyError, identity_mismatches, load_study, write_parametric_map
 from scripts.training import ProtocolDomain
 
 LOG = logging.getLogger("scripts.inference")
@@ -129,6 +129,7 @@ class StudyInputs:
         study_dir: DICOM study folder (or BIDS NIfTI folder).
         t1w_series, t2w_series, flair_series: optional choice by SeriesInstanceUID or SeriesNumber.
         checkpoint: the model checkpoint; the TR/TE/TI ranges it was trained on are its validity domain.
+        allow_mixed_study: accept series of different patients or studies (each difference is a warning).
     """
 
     def __init__(
@@ -138,13 +139,15 @@ class StudyInputs:
         t2w_series: str | int | None = None,
         flair_series: str | int | None = None,
         checkpoint: str | None = None,
+        allow_mixed_study: bool | str = False,
     ) -> None:
+        allow_mixed = flag(allow_mixed_study, "--allow_mixed_study")
         if not study_dir:
             fail("no study given: pass --study_dir <folder with the DICOM files of the study>.")
         start = time.perf_counter()
         overrides = {"T1w": t1w_series, "T2w": t2w_series, "FLAIR": flair_series}
         try:
-            self.chosen, self.reasons, self.all_series = load_study(study_dir, overrides)
+            self.chosen, self.reasons, self.all_series = load_study(study_dir, overrides, allow_mixed)
         except StudyError as err:
             fail(str(err))
         self.seconds = time.perf_counter() - start
@@ -154,7 +157,7 @@ class StudyInputs:
         self.warnings = [
             f"{problem}: the model was not trained on this protocol; check the maps with care."
             for problem in physics.protocol_violations(self.protocol, self.ranges)
-        ]
+        ] + [f"accepted with --allow_mixed_study: {mismatch}" for mismatch in identity_mismatches(self.chosen)]
         for warning in self.warnings:
             LOG.warning(warning)
 

@@ -9,7 +9,7 @@ Warnings go to the ``scripts.study`` logger.
 from .errors import LOG, StudyError
 from .parametric_map import write_parametric_map
 from .reader import load_study, read_study
-from .select import classify, description_hint, protocol_class, select_series
+from .select import classify, description_hint, identity_mismatches, protocol_class, select_series
 from .series import Series
 from .write import Study, write_classic_mr_series, write_enhanced_mr_series
 
@@ -20,6 +20,7 @@ __all__ = [
     "StudyError",
     "classify",
     "description_hint",
+    "identity_mismatches",
     "load_study",
     "protocol_class",
     "read_study",

@@ -83,12 +83,12 @@ def read_dicom_series(paths: list[Path]) -> tuple[list[Series], list[str]]:
         groups[series_uid][instance] = (path, ds)
     if non_mr:
         LOG.warning("Skipped %d image(s) of another modality than MR, e.g. %s", len(non_mr), non_mr[0])
-    series = [_build_series(uid, list(items.values()), dropped[uid] + dropped[None]) for uid, items in groups.items()]
+    series = [_build_series(uid, list(items.values()), dropped[uid]) for uid, items in groups.items()]
     return series, non_mr + skipped
 
 
 class _TruncatedError(ValueError):
-    """Pixel data shorter than the header promises; remembers the series the file belonged to."""
+    """Pixel data that do not match the header; remembers the series the file belonged to."""
 
     def __init__(self, message: str, series_uid: str | None):
         super().__init__(message)
@@ -105,9 +105,12 @@ def _read_header(path: Path) -> Dataset:
     if "PixelData" in ds:
         syntax = ds.file_meta.get("TransferSyntaxUID")
         expected = None if syntax is None or syntax.is_compressed else get_expected_length(ds)
-        if expected is not None and len(ds.PixelData) < expected:
+        # the value may carry one byte of padding to an even length
+        if expected is not None and not expected <= len(ds.PixelData) <= expected + 1:
             raise _TruncatedError(
-                f"pixel data truncated: {len(ds.PixelData)} of {expected} bytes", ds.get("SeriesInstanceUID")
+                f"{tag_label('PixelData')} holds {len(ds.PixelData)} bytes where {tag_label('Rows')} x "
+                f"{tag_label('Columns')} x samples x frames x bits promise {expected}",
+                ds.get("SeriesInstanceUID"),
             )
         del ds.PixelData
     return ds
@@ -125,14 +128,17 @@ def _build_series(uid: str, items: list[tuple[Path, Dataset]], dropped: list[str
         files=[p for p, _ in items],
         frame_of_reference_uid=_optional(ds, "FrameOfReferenceUID", str),
         study_instance_uid=_optional(ds, "StudyInstanceUID", str),
+        patient_id=_optional(ds, "PatientID", str),
         datasets=[d for _, d in items],
         image_type=tuple(_optional(ds, "ImageType", lambda v: [str(x) for x in v] if _is_multi(v) else [str(v)]) or ()),
         contrast_agent=_optional(ds, "ContrastBolusAgent", str) or "",
     )
     try:
+        if dropped:  # a file of this series (by its header) that cannot be used: never a silent gap
+            raise StudyError(f"{len(dropped)} of its files cannot be used: {'; '.join(dropped)}.")
         frames = [frame for p, d in items for frame in _frames(d, p)]
         series.tr, series.te, series.ti = _common_timing(frames)
-        frames, series.affine = _geometry(frames, dropped)
+        frames, series.affine = _geometry(frames)
     except StudyError as err:
         series.problem = str(err)
         LOG.info("%s cannot be used: %s", series.label, series.problem)
@@ -189,6 +195,12 @@ def _numbers(ds: Dataset, keyword: str, where: str, count: int = 1, required: bo
 
 
 def _number(ds: Dataset, keyword: str, where: str, required: bool = True, default: float | None = None) -> float | None:
+    """A single number; a multi-valued attribute is accepted only when all its values agree."""
+    value = _value(ds, keyword, where)
+    if _is_multi(value) and len(value) > 1:
+        values = _numbers(ds, keyword, where, count=len(value))
+        if np.ptp(values) > 1e-6 * max(1.0, float(np.abs(values).max())):
+            raise StudyError(f"{where}: {tag_label(keyword)} = {value!r} holds different values; which one applies?")
     numbers = _numbers(ds, keyword, where, required=required)
     return default if numbers is None else float(numbers[0])
 
@@ -294,7 +306,7 @@ def _common_timing(frames: list[_Frame]) -> tuple[float, float, float]:
     return tr, te, ti
 
 
-def _geometry(frames: list[_Frame], dropped: list[str]) -> tuple[list[_Frame], np.ndarray]:
+def _geometry(frames: list[_Frame]) -> tuple[list[_Frame], np.ndarray]:
     """Check that the frames form one regular stack; return them in slice order and the RAS affine."""
     first = frames[0]
     for frame in frames[1:]:
@@ -342,11 +354,10 @@ def _geometry(frames: list[_Frame], dropped: list[str]) -> tuple[list[_Frame], n
                 if abs(distances[k] - median) > _SPACING_RTOL * median + _SPACING_ATOL
                 else f"are shifted in-plane by {np.linalg.norm(steps[k] - distances[k] * normal):.4g} mm"
             )
-            note = f" Skipped unreadable files: {'; '.join(dropped)}." if dropped else ""
             raise StudyError(
                 f"inconsistent slice spacing: {frames[k].path} and {frames[k + 1].path} "
                 f"({tag_label('ImagePositionPatient')} {_fmt(positions[k])} and {_fmt(positions[k + 1])}) {kind}; "
-                f"a slice is missing or the series is not one regular stack.{note}"
+                "a slice is missing or the series is not one regular stack."
             )
     spacing_row, spacing_column = first.spacing
     lps = np.eye(4)

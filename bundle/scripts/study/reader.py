@@ -61,7 +61,7 @@ def _is_dicom(path: Path) -> bool:
 
 
 def load_study(
-    path: str | os.PathLike, overrides: dict[str, str | int | None] | None = None
+    path: str | os.PathLike, overrides: dict[str, str | int | None] | None = None, allow_mixed: bool = False
 ) -> tuple[dict[str, Series], list[str], list[Series]]:
     """Read the study, select the T1w/T2w/FLAIR series and load their volumes.
 
@@ -69,7 +69,7 @@ def load_study(
     series read (for the report). Every bad input surfaces here as StudyError, before any output is written.
     """
     series = read_study(path)
-    chosen, reasons = select_series(series, overrides)
+    chosen, reasons = select_series(series, overrides, allow_mixed)
     for one in chosen.values():
         one.volume  # noqa: B018 - decode now, so pixel, all-zero and NaN errors come before any work
     return chosen, reasons, series

@@ -67,7 +67,7 @@ def classify(series: Series) -> str | None:
 
 
 def select_series(
-    series_list: list[Series], overrides: dict[str, str | int | None] | None = None
+    series_list: list[Series], overrides: dict[str, str | int | None] | None = None, allow_mixed: bool = False
 ) -> tuple[dict[str, Series], list[str]]:
     """Choose one usable series per class (``physics.SERIES``); return the choice and one reason per class.
 
@@ -105,6 +105,13 @@ def select_series(
         raise StudyError(_missing_message(missing, series_list, classes))
     _check_distinct(chosen)
     _check_frame_of_reference(chosen)
+    mixed = identity_mismatches(chosen)
+    if mixed and not allow_mixed:
+        raise StudyError(
+            f"The chosen series come from different patients or studies: {' '.join(mixed)} Maps from another "
+            "patient's images are wrong maps; choose the series with --t1w_series/--t2w_series/--flair_series, "
+            "or, if you know they belong together, pass --allow_mixed_study true."
+        )
     for reason in reasons:
         LOG.info(reason)
     return chosen, reasons
@@ -173,6 +180,18 @@ def _check_distinct(chosen: dict[str, Series]) -> None:
         if id(series) in names:
             raise StudyError(f"{series.label} was chosen as both {names[id(series)]} and {name}; choose two series.")
         names[id(series)] = name
+
+
+def identity_mismatches(chosen: dict[str, Series]) -> list[str]:
+    """One sentence per identity attribute (PatientID, StudyInstanceUID) on which the chosen series differ."""
+    sentences = []
+    for keyword, attribute in (("PatientID", "patient_id"), ("StudyInstanceUID", "study_instance_uid")):
+        values = {name: getattr(s, attribute) for name, s in chosen.items() if getattr(s, attribute) is not None}
+        if len(set(values.values())) > 1:
+            listed = "; ".join(f"{name} {chosen[name].label} ({chosen[name].files[0]}): {value!r}"
+                               for name, value in values.items())  # fmt: skip
+            sentences.append(f"{tag_label(keyword)} differs: {listed}.")
+    return sentences
 
 
 def _check_frame_of_reference(chosen: dict[str, Series]) -> None:

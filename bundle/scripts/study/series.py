@@ -49,6 +49,7 @@ class Series:
     shape: tuple[int, int, int] | None = None
     frame_of_reference_uid: str | None = None
     study_instance_uid: str | None = None
+    patient_id: str | None = None
     datasets: list[Dataset] = field(default_factory=list, repr=False)
     #: For DICOM, the source of each slice k of ``volume``: (file, 0-based frame in that file).
     slice_sources: list[tuple[Path, int]] = field(default_factory=list, repr=False)
