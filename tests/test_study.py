@@ -354,7 +354,11 @@ def test_bids_folder_gives_the_same_series(tmp_path):
 
 def test_bids_times_in_ms_and_nan_images_are_refused(tmp_path):
     write_bids(tmp_path / "ms", {"T1w": (500, 10, 0), "T2w": (5.0, 0.1, 0), "FLAIR": (9.0, 0.12, 2.5)})
-    raises(tmp_path / "ms", "sub-01_T1w.json", "'RepetitionTime' = 500 s is implausible")
+    raises(tmp_path / "ms", "sub-01_T1w.json", "'RepetitionTime' = 500 s is physically implausible", "in ms")
+    write_bids(tmp_path / "tr45", {"T1w": (0.5, 0.01, 0), "T2w": (45, 0.1, 0), "FLAIR": (9.0, 0.12, 2.5)})
+    raises(tmp_path / "tr45", "sub-01_T2w.json", "'RepetitionTime' = 45 s", "above 20 s")
+    write_bids(tmp_path / "te", {"T1w": (0.5, 0.01, 0), "T2w": (5.0, 0.1, 0), "FLAIR": (9.0, 1.2, 2.5)})
+    raises(tmp_path / "te", "sub-01_FLAIR.json", "'EchoTime' = 1.2 s", "above 1 s", "1.2 ms = 0.0012 s")
     volume = image()
     volume[3, 4, 2] = np.nan
     write_bids(tmp_path / "nan", volume=volume)

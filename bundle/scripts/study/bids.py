@@ -19,8 +19,9 @@ from .errors import LOG, StudyError
 from .series import Series
 
 _SUFFIX = re.compile(r"_(T1w|T2w|FLAIR)$")
-#: A time above this many seconds was almost surely written in ms, against the BIDS convention.
-_MAX_SECONDS = {"RepetitionTime": 60.0, "EchoTime": 2.0, "InversionTime": 30.0}
+#: A time above this many seconds is not a clinical T1w/T2w/FLAIR (TR <= 20 s, TE <= 1 s, TI <= 10 s): it was
+#: almost surely written in ms, against the BIDS convention.
+_MAX_SECONDS = {"RepetitionTime": 20.0, "EchoTime": 1.0, "InversionTime": 10.0}
 
 
 def nifti_stem(path: Path) -> str:
@@ -97,8 +98,9 @@ def _milliseconds(meta: dict, key: str, sidecar: Path, required: bool = True) ->
         raise StudyError(f"{sidecar}: '{key}' = {value!r} is not a non-negative number (seconds).")
     if value > _MAX_SECONDS[key]:
         raise StudyError(
-            f"{sidecar}: '{key}' = {value} s is implausible; BIDS sidecars give times in seconds "
-            f"(was it written in ms?)."
+            f"{sidecar}: '{key}' = {value} s is physically implausible for this sequence (above "
+            f"{_MAX_SECONDS[key]:g} s); BIDS sidecars give times in seconds, so it was probably written in ms "
+            f"({value} ms = {value / 1000:g} s): correct the sidecar."
         )
     return float(value) * 1000.0
 
