@@ -90,6 +90,17 @@ def test_train_one_epoch_then_resume(tiny_cohort, tmp_path):
     assert all(np.isfinite(float(r["val_mpe_sum"])) and float(r["val_mpe_sum"]) > 0 for r in rows)
 
 
+def test_fine_tuning_starts_from_given_weights(tiny_cohort, tmp_path):
+    first = _workflow(TRAIN, tiny_cohort, tmp_path / "first", epochs=1)
+    _run(first)
+    start = tmp_path / "first" / "models" / "model.pt"
+    tuned = _workflow(TRAIN, tiny_cohort, tmp_path / "tuned", epochs=1, learning_rate=0.0, init_weights=str(start))
+    _run(tuned)  # a zero learning rate keeps the weights it started from
+    weights = torch.load(start, weights_only=False)["model"]
+    for name, value in tuned.parser.get_parsed_content("network").state_dict().items():
+        torch.testing.assert_close(value, weights[name])
+
+
 @pytest.mark.parametrize("baseline", ["train_unet.json", "train_pgan.json"])
 def test_baselines_train_one_epoch(baseline, tiny_cohort, tmp_path):
     workflow = _workflow([TRAIN, str(CONFIGS / baseline)], tiny_cohort, tmp_path, epochs=1)

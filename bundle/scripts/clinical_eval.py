@@ -322,8 +322,8 @@ def main(argv=None) -> None:
     parser.add_argument("--docs", type=Path, required=True, help="where results.md and the figures go")
     parser.add_argument("--metadata", type=Path, help="metadata.json whose eval_metrics to update")
     parser.add_argument("--fine-voxel", type=float, default=1.0, help="anatomy grid of the studies (mm)")
-    parser.add_argument("--without-refinement", action="store_true",
-                        help="also map with --refine false, as '<name>, no refinement'")  # fmt: skip
+    parser.add_argument("--without-refinement", action="append", default=[], metavar="NAME",
+                        help="also map model NAME with --refine false, as 'NAME, no refinement'")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.time()
@@ -332,7 +332,7 @@ def main(argv=None) -> None:
         name, _, rest = spec.partition("=")
         checkpoint, _, overlay = rest.partition(":")
         models[name] = (str(Path(checkpoint).resolve()), overlay or None, True)
-        if args.without_refinement:
+        if name in args.without_refinement:
             models[f"{name}, no refinement"] = (str(Path(checkpoint).resolve()), overlay or None, False)
     if not (args.work / "studies" / "invariance").is_dir():
         write_evaluation_studies(args.work / "studies", args.fine_voxel)
@@ -354,7 +354,7 @@ def main(argv=None) -> None:
     in_range = {s for s, family in FAMILY.items() if family != "out_of_range"}
     out_of_range = set(FAMILY) - in_range
     command = "python bundle/scripts/clinical_eval.py " + " ".join(f"--model '{m}'" for m in args.model)
-    command += " --without-refinement" if args.without_refinement else ""
+    command += "".join(f" --without-refinement {name}" for name in args.without_refinement)
     command += f" --docs {args.docs}" + (f" --metadata {args.metadata}" if args.metadata else "")
     minutes = (time.time() - start) / 60
     text = RESULTS.format(

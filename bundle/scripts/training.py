@@ -91,6 +91,7 @@ def resumable(
     device: torch.device | str = "cpu",
     save: bool = True,
     extra_state: dict | None = None,
+    init_weights: str | None = None,
 ) -> Path | None:
     """Make training survive a stop: save its full state every epoch and resume from the newest one.
 
@@ -100,12 +101,16 @@ def resumable(
     replaces the best model with a better one. ``save=False`` (DDP ranks > 0) only resumes;
     ``extra_state`` adds objects to the saved state (e.g. a GAN's discriminator). This is Python, not
     config, because the trainer cannot appear in its own handler list in a bundle config.
+    ``init_weights`` (a checkpoint with the network under ``"model"``, e.g. a shipped ``model.pt``) starts a
+    new run from those weights, for fine-tuning; a run that resumes ignores it.
     Returns the checkpoint resumed from.
     """
     state = {"model": network, "optimizer": optimizer, "trainer": trainer, **(extra_state or {})}
     checkpoints = sorted(Path(checkpoint_dir).glob("checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[1]))
     if checkpoints:
         CheckpointLoader(str(checkpoints[-1]), state, map_location=device).attach(trainer)
+    elif init_weights:
+        CheckpointLoader(str(init_weights), {"model": network}, map_location=device).attach(trainer)
         best = Path(checkpoint_dir) / "model.pt"
         if best.exists():
             best_state = {"checkpointer": best_model_saver}
