@@ -216,3 +216,22 @@ def test_refinement_moves_the_maps_towards_the_images(sample, model, tmp_path):
     labels = nib.load(sample["truth"] / "labels.nii.gz").get_fdata()
     t1 = nib.load(tmp_path / "maps" / "T1_map.nii.gz").get_fdata()
     assert np.median(t1[labels == 2]) > 1.1 * np.median(t1[labels == 3])  # GM T1 above WM T1 again
+
+
+def test_report_names_skipped_files_and_automatic_choices(sample, model, tmp_path):
+    import pydicom
+
+    study = tmp_path / "study"
+    shutil.copytree(sample["dicom"], study)
+    (study / "junk.dcm").write_bytes(bytes(128) + b"DICM" + bytes(range(256)) * 4)  # a DICOM of no series
+    t1w = next(p for p in study.rglob("*") if p.is_dir() and p.name.startswith("T1_TSE"))
+    repeat = t1w.parent / "T1_REPEAT"
+    shutil.copytree(t1w, repeat)
+    for path in repeat.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SeriesNumber = ds.SeriesInstanceUID + ".9", 9
+        ds.SOPInstanceUID += ".9"
+        ds.save_as(path)
+    report = _infer(study, tmp_path / "maps", model, mask=str(sample["truth"] / "mask.nii.gz"))
+    assert any("junk.dcm" in w for w in report["warnings"])
+    assert any(w.startswith("automatic choice: T1w") and "--t1w_series" in w for w in report["warnings"])

@@ -322,16 +322,23 @@ def main(argv=None) -> None:
     parser.add_argument("--docs", type=Path, required=True, help="where results.md and the figures go")
     parser.add_argument("--metadata", type=Path, help="metadata.json whose eval_metrics to update")
     parser.add_argument("--fine-voxel", type=float, default=1.0, help="anatomy grid of the studies (mm)")
-    parser.add_argument("--without-refinement", action="append", default=[], metavar="NAME",
-                        help="also map model NAME with --refine false, as 'NAME, no refinement'")  # fmt: skip
+    parser.add_argument(
+        "--without-refinement",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also map model NAME with --refine false, as 'NAME, no refinement'",
+    )
+    parser.add_argument("--network-only", action="append", default=[], metavar="NAME=CHECKPOINT[:TRAINING_OVERLAY]",
+                        help="a network mapped with --refine false only (network comparisons)")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.time()
     models = {}
-    for spec in args.model:
+    for spec, refine in [(spec, True) for spec in args.model] + [(spec, False) for spec in args.network_only]:
         name, _, rest = spec.partition("=")
         checkpoint, _, overlay = rest.partition(":")
-        models[name] = (str(Path(checkpoint).resolve()), overlay or None, True)
+        models[name] = (str(Path(checkpoint).resolve()), overlay or None, refine)
         if name in args.without_refinement:
             models[f"{name}, no refinement"] = (str(Path(checkpoint).resolve()), overlay or None, False)
     if not (args.work / "studies" / "invariance").is_dir():
@@ -354,12 +361,16 @@ def main(argv=None) -> None:
     in_range = {s for s, family in FAMILY.items() if family != "out_of_range"}
     out_of_range = set(FAMILY) - in_range
     command = "python bundle/scripts/clinical_eval.py " + " ".join(f"--model '{m}'" for m in args.model)
-    command += "".join(f" --without-refinement {name}" for name in args.without_refinement)
+    command += "".join(f" --without-refinement '{name}'" for name in args.without_refinement)
+    command += "".join(f" --network-only '{spec}'" for spec in args.network_only)
     command += f" --docs {args.docs}" + (f" --metadata {args.metadata}" if args.metadata else "")
     minutes = (time.time() - start) / 60
     text = RESULTS.format(
         command=command, hardware=_hardware(), minutes=minutes,
         studies=", ".join(f"{s} ({FAMILY[s]})" for s in FAMILY),
+        methods="\n".join(f"- *{name}*: `{Path(ckpt).name}` ({Path(ckpt).parent.name}), training configs "
+                          f"train.json + train_cpu.json{' + ' + overlay if overlay else ''}, physics refinement "
+                          f"{'on' if refine else 'off'}" for name, (ckpt, overlay, refine) in models.items()),
         in_range="\n".join(accuracy_table(rows, in_range, methods)),
         out_of_range="\n".join(accuracy_table(rows, out_of_range, methods)),
         qa="\n".join(qa_table(rows, list(models))),
@@ -402,6 +413,10 @@ matrix and field of view per series), shared bias field, per-series receiver gai
 selection. Every network map comes from the literal `python -m monai.bundle run inference` command with the
 pipeline's own deepbet brain mask; all methods are scored on the T1w grid against the true maps, inside the
 true labels. Studies: {studies}.
+
+Networks evaluated (the first is the shipped pipeline; its figures go to `metadata.json`):
+
+{methods}
 
 Figures: ROI bias = 100 (mean predicted / mean true - 1) over the true label; MPE = mean |p - t| / t over
 true WM+GM voxels; PSNR, SSIM (2D, 11x11 Gaussian window) and MAE in the true brain mask on maps scaled to

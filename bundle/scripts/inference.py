@@ -24,6 +24,7 @@ from monai.data import MetaTensor
 from monai.utils import convert_to_numpy
 
 from scripts import physics
+from scripts.study import LOG as STUDY_LOG
 from scripts.study import StudyError, identity_mismatches, load_study, write_parametric_map
 from scripts.training import ProtocolDomain
 
@@ -122,6 +123,17 @@ def flag(value: bool | int | str, name: str) -> bool:
     return answers[str(value).lower()]
 
 
+class _WarningCollector(logging.Handler):
+    """Keeps the study reader's warnings (``scripts.study`` logger) for the report."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 class StudyInputs:
     """The T1w, T2w and FLAIR series of a study, read, selected and checked before anything runs.
 
@@ -146,10 +158,14 @@ class StudyInputs:
             fail("no study given: pass --study_dir <folder with the DICOM files of the study>.")
         start = time.perf_counter()
         overrides = {"T1w": t1w_series, "T2w": t2w_series, "FLAIR": flair_series}
+        collected = _WarningCollector()
+        STUDY_LOG.addHandler(collected)
         try:
             self.chosen, self.reasons, self.all_series = load_study(study_dir, overrides, allow_mixed)
         except StudyError as err:
             fail(str(err))
+        finally:
+            STUDY_LOG.removeHandler(collected)
         self.seconds = time.perf_counter() - start
         self.protocol = np.array([[getattr(self.chosen[s], p.lower()) for p in physics.SEQUENCE_PARAMETERS]
                                   for s in physics.SERIES])  # fmt: skip
@@ -158,6 +174,7 @@ class StudyInputs:
             f"{problem}: the model was not trained on this protocol; check the maps with care."
             for problem in physics.protocol_violations(self.protocol, self.ranges)
         ] + [f"accepted with --allow_mixed_study: {mismatch}" for mismatch in identity_mismatches(self.chosen)]
+        self.warnings += collected.messages  # skipped files, automatic choices, overrides against the header
         for warning in self.warnings:
             LOG.warning(warning)
 

@@ -99,6 +99,8 @@ def select_series(
             unusable = [s.label for s in candidates if s.problem is not None]
             if unusable:
                 reason += f"; unusable {name} candidates: {', '.join(unusable)}"
+            if len(candidates) > 1:  # an automatic choice the user should know of
+                LOG.warning(f"automatic choice: {reason}; name another with --{name.lower()}_series")
         chosen[name] = series
         reasons.append(reason)
     if missing:
