@@ -90,6 +90,18 @@ def test_train_one_epoch_then_resume(tiny_cohort, tmp_path):
     assert all(np.isfinite(float(r["val_mpe_sum"])) and float(r["val_mpe_sum"]) > 0 for r in rows)
 
 
+def test_own_maps_without_fractions_train_as_they_are(tiny_cohort, tmp_path):
+    """A user's datalist has maps and masks but no tissue fractions: the documented override loads the maps."""
+    datalist = json.loads((tiny_cohort / "datalist.json").read_text())
+    for entry in datalist["training"]:
+        del entry["fractions"]
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    workflow = _workflow(TRAIN, tiny_cohort, tmp_path, epochs=1, datalist=str(tmp_path / "datalist.json"))
+    workflow.parser["train#preprocessing#transforms#0"] = "@preprocessing#load"
+    _run(workflow)
+    assert (tmp_path / "models" / "model.pt").exists()
+
+
 def test_fine_tuning_starts_from_given_weights(tiny_cohort, tmp_path):
     first = _workflow(TRAIN, tiny_cohort, tmp_path / "first", epochs=1)
     _run(first)
