@@ -256,7 +256,7 @@ def roi_figure(rows: list[dict], methods: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.8), layout="constrained")
     markers = dict(zip(ROIS.values(), "osD^", strict=True))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, name, unit in zip(axes, physics.MAPS, physics.MAP_UNITS, strict=True):
@@ -266,7 +266,7 @@ def roi_figure(rows: list[dict], methods: list[str], path: Path) -> None:
                 sel = [r for r in rows if r["method"] == method and r["map"] == name and np.isfinite(r[f"{roi}_true"])]
                 x, y = [r[f"{roi}_true"] for r in sel], [r[f"{roi}_pred"] for r in sel]
                 everything += x + y
-                ax.scatter(x, y, marker=marker, color=colours[k], alpha=0.75, label=f"{method}, {roi}")
+                ax.scatter(x, y, marker=marker, color=colours[k % len(colours)], alpha=0.75)
         low, high = min(everything), max(everything)
         ax.plot([low, high], [low, high], color="gray", lw=1)
         ax.set_xscale("log" if name != "PD" else "linear")
@@ -275,7 +275,14 @@ def roi_figure(rows: list[dict], methods: list[str], path: Path) -> None:
         ax.set_xlabel("true")
         ax.set_ylabel("predicted")
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7, ncol=2)
+    from matplotlib.lines import Line2D
+
+    def key(marker, colour, label):
+        return Line2D([], [], ls="", marker=marker, color=colour, label=label)
+
+    handles = [key("o", colours[k % len(colours)], method) for k, method in enumerate(methods)]
+    handles += [key(marker, "gray", roi) for roi, marker in markers.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8)
     fig.suptitle("Clinical-like studies: ROI means per study, predicted vs true (identity in gray)")
     fig.savefig(path, dpi=80)
     plt.close(fig)
