@@ -235,3 +235,22 @@ def test_report_names_skipped_files_and_automatic_choices(sample, model, tmp_pat
     report = _infer(study, tmp_path / "maps", model, mask=str(sample["truth"] / "mask.nii.gz"))
     assert any("junk.dcm" in w for w in report["warnings"])
     assert any(w.startswith("automatic choice: T1w") and "--t1w_series" in w for w in report["warnings"])
+
+
+def test_a_zeroed_slice_is_named_in_the_report(sample, model, tmp_path):
+    import pydicom
+
+    mask = str(sample["truth"] / "mask.nii.gz")
+    clean = _infer(sample["dicom"], tmp_path / "clean", model, mask=mask)
+    assert not any("slice" in w for w in clean["warnings"])
+    study = tmp_path / "study"
+    shutil.copytree(sample["dicom"], study)
+    (flair,) = [p for p in study.rglob("*") if p.is_file() and "DARK-FLUID" in str(p)]
+    ds = pydicom.dcmread(flair)
+    frames = ds.pixel_array
+    k = frames.shape[0] // 2
+    frames[k] = 0
+    ds.PixelData = frames.tobytes()
+    ds.save_as(flair)
+    report = _infer(study, tmp_path / "maps", model, mask=mask)
+    assert f"FLAIR slice {k + 1} of {frames.shape[0]} is empty or constant." in report["warnings"]

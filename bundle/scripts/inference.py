@@ -283,7 +283,11 @@ class StudyWriter:
             qa[series] = self._qa_entry(series, values[mask], image[mask])
         qa_figure(images, maps, residual, mask, out / "qa.png")
         dicom = self._write_dicom(np.where(mask, maps, 0.0), out / "dicom")
-        warnings = [*self.output.warnings, *self.study.warnings, *(q["warning"] for q in qa.values() if "warning" in q)]
+        sliced = slice_warnings({name: series.volume for name, series in self.study.chosen.items()})
+        for warning in sliced:
+            LOG.warning(warning)
+        warnings = [*self.output.warnings, *self.study.warnings, *(q["warning"] for q in qa.values() if "warning" in q),
+                    *sliced]  # fmt: skip
         timings = self._timings(batch, time.perf_counter() - start)
         refinement = output.get("refinement", {"enabled": False})
         report = {**self._report(batch, qa, warnings, timings), "physics_refinement": refinement, "dicom": dicom}
@@ -370,6 +374,24 @@ class StudyWriter:
             "warnings": warnings,
             "timings": timings,
         }
+
+
+def slice_warnings(volumes: dict[str, np.ndarray]) -> list[str]:
+    """Slices (axis 2 of each series' own grid) that are empty or constant, or whose mean signal is below a
+    third or above three times that of both neighbours: a zeroed or corrupt slice, not anatomy."""
+    warnings = []
+    for name, volume in volumes.items():
+        means = volume.mean(axis=(0, 1))
+        for k in range(volume.shape[2]):
+            plane = volume[:, :, k]
+            if np.ptp(plane) <= 1e-6 * max(1.0, float(np.abs(plane).max())):
+                warnings.append(f"{name} slice {k + 1} of {volume.shape[2]} is empty or constant.")
+            elif 0 < k < volume.shape[2] - 1:
+                ratio = means[k] / max(float(means[k - 1] + means[k + 1]) / 2, 1e-12)
+                if not 1 / 3 <= ratio <= 3:
+                    warnings.append(f"{name} slice {k + 1} of {volume.shape[2]}: mean signal {ratio:.2f} times that "
+                                    "of its neighbours; a corrupt slice?")  # fmt: skip
+    return warnings
 
 
 def _save_nifti(values: np.ndarray, affine: np.ndarray, path: Path, description: str) -> None:
