@@ -108,8 +108,7 @@ def fitted_maps(study: Path, mask: np.ndarray, oracle: bool, cache: Path) -> tup
     if oracle:
         gains = np.array([acquisition["series"][s]["gain_counts_per_pu"] for s in physics.SERIES])
     else:
-        t1, t2, pd = MEDIAN_BRAIN
-        gains = np.median(inside, axis=1) / np.array([physics.signal(pd, t1, t2, *row) for row in params])
+        gains = np.median(inside, axis=1) / physics.synthesize(np.array(MEDIAN_BRAIN), params)
     maps = np.zeros((3, *mask.shape), dtype=np.float32)
     maps[:, mask] = physics.fit_maps(inside, params, gains)
     extra = {"wall_s": time.perf_counter() - start, "gains": gains.tolist()}

@@ -63,6 +63,16 @@ def signal(pd, t1, t2, tr, te, ti=0.0):
     return pd * longitudinal * xp.exp(-te / t2)
 
 
+def synthesize(maps, protocol):
+    """The three weighted images (``SERIES`` order, stacked first) of (T1, T2, PD) maps stacked in ``MAPS`` order.
+
+    ``maps`` (3, ...) in ms, ms, p.u.; ``protocol`` (3, 3) rows of TR/TE/TI (ms) in ``SERIES`` order.
+    """
+    t1, t2, pd = maps
+    stack = torch.stack if _backend(pd) is torch else np.stack
+    return stack([signal(pd, t1, t2, *(float(v) for v in row)) for row in protocol])
+
+
 def null_inversion_time(t1, tr=None):
     """Inversion time (ms) that nulls a tissue of the given T1 (ms); ``T1 ln 2`` when TR >> T1."""
     xp = _backend(t1)
@@ -152,8 +162,7 @@ def fit_maps(
 
 def _model(theta: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor:
     """(3 series, N) signals of log-parameters ``theta`` (3: log T1, log T2, log PD, N)."""
-    t1, t2, pd = torch.exp(theta)
-    return torch.stack([signal(pd, t1, t2, *row) for row in protocol])
+    return synthesize(torch.exp(theta), protocol)
 
 
 def _log_bounds(dtype) -> tuple[torch.Tensor, torch.Tensor]:

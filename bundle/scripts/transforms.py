@@ -319,9 +319,9 @@ class ResynthesisResiduald(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         (key,) = self.keys
-        t1, t2, pd = physics.scale_maps(convert_to_tensor(d[key], track_meta=True), inverse=True)
+        maps = physics.scale_maps(convert_to_tensor(d[key], track_meta=True), inverse=True)
         protocol = physics.normalize_parameters(torch.as_tensor(d[self.params_key]), inverse=True).reshape(3, 3)
-        synth = torch.stack([physics.signal(pd, t1, t2, *(float(v) for v in row)) for row in protocol])
+        synth = physics.synthesize(maps, protocol)
         image, inside = d[self.image_key], _in_mask(d[self.mask_key])
         s, x = torch.as_tensor(synth)[:, inside], torch.as_tensor(image)[:, inside]
         gain = (s * x).sum(dim=1) / (s * s).sum(dim=1).clamp(min=torch.finfo(s.dtype).tiny)
@@ -386,7 +386,7 @@ class PhysicsRefined(MapTransform):
         images = np.concatenate([convert_to_numpy(d[k], dtype=np.float64)[:, inside] for k in self.image_keys])
         params = physics.normalize_parameters(convert_to_numpy(d[self.params_key], dtype=np.float64), inverse=True)
         params = params.reshape(3, 3)
-        synth = np.stack([physics.signal(prior[2], prior[0], prior[1], *row) for row in params])
+        synth = physics.synthesize(prior, params)
         tissue = (prior[0] < self.tissue_t1_ms) & np.all(synth > 0, axis=0)
         if tissue.sum() < 100:
             raise ValueError("PhysicsRefined: fewer than 100 tissue voxels to calibrate the series' gains on")
