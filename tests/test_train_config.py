@@ -79,8 +79,14 @@ def test_train_one_epoch_then_resume(tiny_cohort, tmp_path):
     assert best["protocol"]["protocol_ranges"]["FLAIR"]["TI"] == [1500.0, 3200.0]
     assert set(best["model"]) == set(workflow.parser.get_parsed_content("network").state_dict())
 
+    # a best model that no later epoch can beat (score = -MPE sum <= 0): the resumed run must keep it
+    best["checkpointer"]["_saved"] = [(0.0, "checkpoint_key_metric=0.pt")]
+    torch.save(best, models / "model.pt")
     resumed = _workflow(TRAIN, tiny_cohort, tmp_path, epochs=2)
     _run(resumed)
+    kept = torch.load(models / "model.pt", weights_only=False)
+    for name, value in best["model"].items():
+        torch.testing.assert_close(kept["model"][name], value)
     assert resumed.parser.get_parsed_content("train#trainer").state.epoch == 2
     assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=2.pt", "model.pt"]
     with open(tmp_path / "runs" / "metrics.csv") as f:

@@ -107,14 +107,14 @@ def resumable(
     """
     state = {"model": network, "optimizer": optimizer, "trainer": trainer, **(extra_state or {})}
     checkpoints = sorted(Path(checkpoint_dir).glob("checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[1]))
+    best = Path(checkpoint_dir) / "model.pt"
     if checkpoints:
         CheckpointLoader(str(checkpoints[-1]), state, map_location=device).attach(trainer)
-    elif init_weights:
-        CheckpointLoader(str(init_weights), {"model": network}, map_location=device).attach(trainer)
-        best = Path(checkpoint_dir) / "model.pt"
         if best.exists():
             best_state = {"checkpointer": best_model_saver}
             CheckpointLoader(str(best), best_state, strict=False, map_location=device).attach(trainer)
+    elif init_weights:
+        CheckpointLoader(str(init_weights), {"model": network}, map_location=device).attach(trainer)
     if save:
         CheckpointSaver(checkpoint_dir, state, save_interval=1, n_saved=1).attach(trainer)
         # the new saver keeps only its own newest file; drop the one resumed from once it is superseded
