@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-
 from scripts import clinical_eval, physics
 from scripts.clinical_studies import PROTOCOLS, acquire_study
 from scripts.study import load_study

@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import CONFIGS, REPO
 from monai.bundle import ConfigParser, ConfigWorkflow
-
 from scripts import physics
 from scripts.sample_study import write_sample_study
 
@@ -40,7 +39,7 @@ def model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     tiny = folder / "tiny.json"
     tiny.write_text(json.dumps(TINY_NETWORK))
-    parser = ConfigParser(ConfigParser.load_config_files([CONFIGS / "train.json", CONFIGS / "train_cpu.json", tiny]))
+    parser = ConfigParser(ConfigParser.load_config_files([CONFIGS / "train.json", tiny]))
     network = parser.get_parsed_content("network_def")
     state = network.state_dict()
     state["head.0.conv.weight"].zero_()
@@ -48,8 +47,8 @@ def model(tmp_path_factory):
         [_softplus_inverse(v / s) for v, s in zip(CONSTANT_MAPS, physics.MAP_SCALE, strict=True)]
     )
     checkpoint = folder / "model.pt"
-    torch.save({"model": state, "protocol": {"protocol_ranges": physics.PROTOCOL_RANGES}}, checkpoint)
-    return {"training_configs": ["train.json", "train_cpu.json", str(tiny)], "ckpt_path": str(checkpoint)}
+    torch.save(state, checkpoint)  # a plain state dict, as training saves it and the model zoo expects
+    return {"training_configs": ["train.json", str(tiny)], "ckpt_path": str(checkpoint)}
 
 
 def _infer(study_dir, output_dir, model, refine=False, **overrides):
@@ -119,12 +118,11 @@ def test_bids_input_and_protocol_outside_training_ranges(sample, model, tmp_path
         nib.save(nib.Nifti1Image(signal, truth["T1"].affine), bids / f"sub-01_{series}.nii.gz")
         sidecar = {"RepetitionTime": tr / 1000, "EchoTime": te / 1000} | ({"InversionTime": ti / 1000} if ti else {})
         (bids / f"sub-01_{series}.json").write_text(json.dumps(sidecar))
-    narrow = torch.load(model["ckpt_path"], weights_only=False)
-    narrow["protocol"]["protocol_ranges"] = {**physics.PROTOCOL_RANGES, "T1w": {"TR": [200, 1200], "TE": [2, 8],
-                                                                                "TI": [0, 0]}}  # fmt: skip
-    torch.save(narrow, tmp_path / "narrow.pt")
-    report = _infer(bids, tmp_path / "maps", {**model, "ckpt_path": str(tmp_path / "narrow.pt")},
-                    mask=str(sample["truth"] / "mask.nii.gz"))  # fmt: skip
+    # a model trained on narrower ranges: the training config that made it says so
+    narrow = {**physics.PROTOCOL_RANGES, "T1w": {"TR": [200, 1200], "TE": [2, 8], "TI": [0, 0]}}
+    (tmp_path / "narrow.json").write_text(json.dumps({"protocol_ranges": narrow}))
+    configs = {**model, "training_configs": [*model["training_configs"], str(tmp_path / "narrow.json")]}
+    report = _infer(bids, tmp_path / "maps", configs, mask=str(sample["truth"] / "mask.nii.gz"))
     assert "T1w TE = 10 ms is outside the training range [2, 8] ms" in report["warnings"][0]
     assert report["dicom"].startswith("not written")
     assert report["model"]["training_protocol_ranges_ms"]["T1w"]["TE"] == [2, 8]

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 from monai.engines import SupervisedTrainer
-
 from scripts.losses import PAPER_MAP_WEIGHTS, MaskedWeightedMSELoss
 
 

@@ -6,8 +6,6 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from scipy.ndimage import gaussian_filter
-from skimage.metrics import structural_similarity
-
 from scripts.metrics import (
     MaskedMapMetric,
     masked_mae,
@@ -18,6 +16,7 @@ from scripts.metrics import (
     roi_means,
     split_target_mask,
 )
+from skimage.metrics import structural_similarity
 
 METRIC_FNS = (masked_psnr, masked_ssim, masked_mae, masked_mpe)
 

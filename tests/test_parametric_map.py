@@ -11,7 +11,6 @@ import pydicom
 import pytest
 from pydicom.uid import ParametricMapStorage
 from scipy.spatial.transform import Rotation
-
 from scripts.phantom import TISSUE_RANGES
 from scripts.physics import MAPS
 from scripts.study import Study, read_study, write_classic_mr_series, write_enhanced_mr_series, write_parametric_map

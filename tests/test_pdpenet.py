@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from custom_nets import PDPENet
 from scripts import physics
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 from scipy import ndimage
-
 from scripts import phantom
 from scripts.physics import MAPS, SERIES, protocol_violations
 

@@ -11,7 +11,6 @@ import pydicom
 import pytest
 from conftest import BUNDLE, REPO, TINY_VOXEL_SIZE
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
-
 from scripts import physics
 from scripts.phantom import make_subject, subject_rng
 from scripts.sample_study import ACQUISITIONS, DEFAULT_VOXEL_SIZE, RECEIVER_GAIN, SNR, main, write_sample_study

@@ -10,7 +10,6 @@ import numpy as np
 import pydicom
 import pytest
 from scipy.spatial.transform import Rotation
-
 from scripts.study import (
     Study,
     StudyError,

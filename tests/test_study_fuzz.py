@@ -4,9 +4,8 @@ import shutil
 
 import numpy as np
 import pytest
-from test_study import write_study
-
 from scripts.study import StudyError, load_study
+from test_study import write_study
 
 CASES = 30
 #: pydicom warns about the damage it reads past; the reader's own verdict is what is tested

@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import CONFIGS, REPO, TINY_TRAINING
 from monai.bundle import ConfigParser, ConfigWorkflow
-
 from scripts import physics
 
 TRAIN = str(CONFIGS / "train.json")
@@ -75,18 +74,18 @@ def test_train_one_epoch_then_resume(tiny_cohort, tmp_path):
     _run(workflow)
     models = tmp_path / "models"
     assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]
-    best = torch.load(models / "model.pt", weights_only=False)
-    assert best["protocol"]["protocol_ranges"]["FLAIR"]["TI"] == [1500.0, 3200.0]
-    assert set(best["model"]) == set(workflow.parser.get_parsed_content("network").state_dict())
+    best = torch.load(models / "model.pt", weights_only=True)  # the network's plain state dict (zoo layout)
+    assert set(best) == set(workflow.parser.get_parsed_content("network").state_dict())
 
-    # a best model that no later epoch can beat (score = -MPE sum <= 0): the resumed run must keep it
-    best["checkpointer"]["_saved"] = [(0.0, "checkpoint_key_metric=0.pt")]
-    torch.save(best, models / "model.pt")
+    # a best score that no later epoch can beat (score = -MPE sum <= 0): the resumed run must keep model.pt
+    state = torch.load(models / "checkpoint_epoch=1.pt", weights_only=False)
+    state["checkpointer"]["_saved"] = [(0.0, "model.pt")]
+    torch.save(state, models / "checkpoint_epoch=1.pt")
     resumed = _workflow(TRAIN, tiny_cohort, tmp_path, epochs=2)
     _run(resumed)
-    kept = torch.load(models / "model.pt", weights_only=False)
-    for name, value in best["model"].items():
-        torch.testing.assert_close(kept["model"][name], value)
+    kept = torch.load(models / "model.pt", weights_only=True)
+    for name, value in best.items():
+        torch.testing.assert_close(kept[name], value)
     assert resumed.parser.get_parsed_content("train#trainer").state.epoch == 2
     assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=2.pt", "model.pt"]
     with open(tmp_path / "runs" / "metrics.csv") as f:
@@ -114,7 +113,7 @@ def test_fine_tuning_starts_from_given_weights(tiny_cohort, tmp_path):
     start = tmp_path / "first" / "models" / "model.pt"
     tuned = _workflow(TRAIN, tiny_cohort, tmp_path / "tuned", epochs=1, learning_rate=0.0, init_weights=str(start))
     _run(tuned)  # a zero learning rate keeps the weights it started from
-    weights = torch.load(start, weights_only=False)["model"]
+    weights = torch.load(start, weights_only=True)
     for name, value in tuned.parser.get_parsed_content("network").state_dict().items():
         torch.testing.assert_close(value, weights[name])
 

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-
 from scripts import physics
 from scripts.transforms import (
     BrainMaskd,

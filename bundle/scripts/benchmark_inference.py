@@ -21,7 +21,6 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 from monai.bundle import ConfigWorkflow  # noqa: E402
-
 from scripts.sample_study import write_sample_study  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "inference.json"

@@ -53,7 +53,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monai.data import MetaTensor  # noqa: E402
 from monai.transforms import ResampleToMatch  # noqa: E402
-
 from scripts import metrics, physics  # noqa: E402
 from scripts.clinical_studies import EVALUATION_STUDIES, INVARIANCE_PROTOCOLS, write_evaluation_studies  # noqa: E402
 from scripts.study import load_study  # noqa: E402
@@ -72,7 +71,7 @@ def network_maps(
     name: str, checkpoint: str, overlay: str | None, refine: bool, study: Path, out: Path
 ) -> tuple[np.ndarray, dict]:
     """Run the README's inference command on ``study``; return the maps (3, ...) and the report."""
-    configs = ["train.json", "train_cpu.json", *([overlay] if overlay else [])]
+    configs = ["train.json", *([overlay] if overlay else [])]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
            str(BUNDLE / "configs" / "inference.json"), "--study_dir", str(study / "dicom"), "--output_dir", str(out),
            "--overwrite", "true", "--ckpt_path", checkpoint, "--training_configs", json.dumps(configs),
@@ -375,7 +374,7 @@ def main(argv=None) -> None:
         command=command, hardware=_hardware(), minutes=minutes,
         studies=", ".join(f"{s} ({FAMILY[s]})" for s in FAMILY),
         methods="\n".join(f"- *{name}*: `{Path(ckpt).name}` ({Path(ckpt).parent.name}), training configs "
-                          f"train.json + train_cpu.json{' + ' + overlay if overlay else ''}, physics refinement "
+                          f"train.json{' + ' + overlay if overlay else ''}, physics refinement "
                           f"{'on' if refine else 'off'}" for name, (ckpt, overlay, refine) in models.items()),
         in_range="\n".join(accuracy_table(rows, in_range, methods)),
         out_of_range="\n".join(accuracy_table(rows, out_of_range, methods)),

@@ -48,11 +48,10 @@ from dataclasses import dataclass  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
 from scripts import physics  # noqa: E402
 from scripts.phantom import BRAIN_LABELS, make_subject, rotation, write_subject  # noqa: E402
 from scripts.study import Study, write_classic_mr_series, write_enhanced_mr_series  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
-
 from scripts.metrics import split_target_mask
 
 

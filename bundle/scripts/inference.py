@@ -22,11 +22,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.utils import convert_to_numpy
-
 from scripts import physics
 from scripts.study import LOG as STUDY_LOG
 from scripts.study import StudyError, identity_mismatches, load_study, write_parametric_map
-from scripts.training import ProtocolDomain
 
 LOG = logging.getLogger("scripts.inference")
 
@@ -140,7 +138,8 @@ class StudyInputs:
     Args:
         study_dir: DICOM study folder (or BIDS NIfTI folder).
         t1w_series, t2w_series, flair_series: optional choice by SeriesInstanceUID or SeriesNumber.
-        checkpoint: the model checkpoint; the TR/TE/TI ranges it was trained on are its validity domain.
+        ranges: the TR/TE/TI ranges (ms) the model was trained on, its validity domain (default
+            ``physics.PROTOCOL_RANGES``); the inference config takes them from the training config.
         allow_mixed_study: accept series of different patients or studies (each difference is a warning).
     """
 
@@ -150,7 +149,7 @@ class StudyInputs:
         t1w_series: str | int | None = None,
         t2w_series: str | int | None = None,
         flair_series: str | int | None = None,
-        checkpoint: str | None = None,
+        ranges: dict | None = None,
         allow_mixed_study: bool | str = False,
     ) -> None:
         allow_mixed = flag(allow_mixed_study, "--allow_mixed_study")
@@ -169,7 +168,7 @@ class StudyInputs:
         self.seconds = time.perf_counter() - start
         self.protocol = np.array([[getattr(self.chosen[s], p.lower()) for p in physics.SEQUENCE_PARAMETERS]
                                   for s in physics.SERIES])  # fmt: skip
-        self.ranges = ProtocolDomain.from_checkpoint(checkpoint).ranges
+        self.ranges = ranges or physics.PROTOCOL_RANGES
         self.warnings = [
             f"{problem}: the model was not trained on this protocol; check the maps with care."
             for problem in physics.protocol_violations(self.protocol, self.ranges)

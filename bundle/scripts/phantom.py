@@ -45,9 +45,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
-
 from scripts.physics import MAP_UNITS, MAPS, SERIES, protocol_bounds, protocol_violations
+from tqdm import tqdm
 
 LABEL_NAMES = ("background", "CSF", "GM", "WM", "lesion", "skull", "scalp")
 BRAIN_LABELS = (1, 2, 3, 4)

@@ -46,7 +46,6 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monai.transforms import Compose, RandBiasFieldd  # noqa: E402
-
 from scripts import physics  # noqa: E402
 from scripts.phantom import FOV_MM, make_subject, subject_rng, write_subject  # noqa: E402
 from scripts.study import Study, write_classic_mr_series, write_enhanced_mr_series  # noqa: E402

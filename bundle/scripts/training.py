@@ -1,4 +1,4 @@
-"""Glue between the bundle configs and ignite: progress bar, metric history, protocol domain record."""
+"""Glue between the bundle configs and ignite: progress bar, metric history, resumable training."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.handlers import CheckpointLoader, CheckpointSaver, from_engine
-
-from scripts import physics
 
 
 class LossProgressBar:
@@ -55,31 +53,21 @@ class MetricsHistory:
             writer.writerow(row)
 
 
-class ProtocolDomain:
-    """The TR/TE/TI ranges (ms) the model was trained on, saved inside its checkpoint.
+class _BestRecord:
+    """The best-model saver's record of its best score, in a form the per-epoch checkpoint can hold.
 
-    Checkpoint savers store anything with ``state_dict``; inference reads the ranges back to warn
-    when a study's protocol lies outside them.
+    MONAI's ``CheckpointSaver`` can load this record but not give it (it saves it only inside ``model.pt``,
+    which must stay the network's plain state dict), so the record is read from its key-metric checkpointer.
     """
 
-    def __init__(self, ranges: dict | None = None) -> None:
-        self.ranges = {s: {p: list(v) for p, v in r.items()} for s, r in (ranges or physics.PROTOCOL_RANGES).items()}
+    def __init__(self, saver: CheckpointSaver) -> None:
+        self.saver = saver
 
     def state_dict(self) -> dict:
-        return {"protocol_ranges": self.ranges}
+        return self.saver._key_metric_checkpoint.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.ranges = state["protocol_ranges"]
-
-    @classmethod
-    def from_checkpoint(cls, path: str | None) -> ProtocolDomain:
-        """The domain saved in a checkpoint under ``"protocol"``; the default ranges if it holds none."""
-        domain = cls()
-        if path and Path(path).is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-            if isinstance(saved, dict) and "protocol" in saved:
-                domain.load_state_dict(saved["protocol"])
-        return domain
+        self.saver.load_state_dict(state)
 
 
 def resumable(
@@ -95,24 +83,26 @@ def resumable(
 ) -> Path | None:
     """Make training survive a stop: save its full state every epoch and resume from the newest one.
 
-    Every epoch ``checkpoint_epoch=N.pt`` (network, optimizer, trainer epoch/iteration; only the
-    newest is kept) is written to ``checkpoint_dir``. If one is there at start, training continues
-    from it, and the best-metric record kept with ``model.pt`` is restored so that a resumed run only
-    replaces the best model with a better one. ``save=False`` (DDP ranks > 0) only resumes;
+    Every epoch ``checkpoint_epoch=N.pt`` (network, optimizer, trainer epoch/iteration and the best-model
+    saver's record; only the newest is kept) is written to ``checkpoint_dir``. If one is there at start,
+    training continues from it, so a resumed run only replaces the best ``model.pt`` (the network's plain
+    state dict, as the model zoo expects) with a better one. ``save=False`` (DDP ranks > 0) only resumes;
     ``extra_state`` adds objects to the saved state (e.g. a GAN's discriminator). This is Python, not
     config, because the trainer cannot appear in its own handler list in a bundle config.
-    ``init_weights`` (a checkpoint with the network under ``"model"``, e.g. a shipped ``model.pt``) starts a
-    new run from those weights, for fine-tuning; a run that resumes ignores it.
+    ``init_weights`` (a network state dict such as a shipped ``model.pt``, or a checkpoint holding it under
+    ``"model"``) starts a new run from those weights, for fine-tuning; a run that resumes ignores it.
     Returns the checkpoint resumed from.
     """
-    state = {"model": network, "optimizer": optimizer, "trainer": trainer, **(extra_state or {})}
+    state = {
+        "model": network,
+        "optimizer": optimizer,
+        "trainer": trainer,
+        "checkpointer": _BestRecord(best_model_saver),
+        **(extra_state or {}),
+    }
     checkpoints = sorted(Path(checkpoint_dir).glob("checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[1]))
-    best = Path(checkpoint_dir) / "model.pt"
     if checkpoints:
         CheckpointLoader(str(checkpoints[-1]), state, map_location=device).attach(trainer)
-        if best.exists():
-            best_state = {"checkpointer": best_model_saver}
-            CheckpointLoader(str(best), best_state, strict=False, map_location=device).attach(trainer)
     elif init_weights:
         CheckpointLoader(str(init_weights), {"model": network}, map_location=device).attach(trainer)
     if save:

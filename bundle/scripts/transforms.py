@@ -21,7 +21,6 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform, ResampleToMatch
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 from monai.utils import convert_to_numpy, convert_to_tensor
-
 from scripts import phantom, physics
 
 
