@@ -14,6 +14,7 @@ from .select import select_series
 from .series import Series
 
 _NIFTI = (".nii", ".nii.gz")
+_DICOM_MARKER_END = 132
 
 
 def read_study(path: str | os.PathLike) -> list[Series]:
@@ -34,8 +35,12 @@ def read_study(path: str | os.PathLike) -> list[Series]:
             "or NIfTI files with BIDS JSON sidecars."
         )
     niftis = [p for p in files if p.name.endswith(_NIFTI)]
-    dicoms = [p for p in files if not p.name.endswith(_NIFTI) and _is_dicom(p)]
-    series, skipped = read_dicom_series(dicoms)
+    others = [p for p in files if not p.name.endswith(_NIFTI)]
+    marked = {p: _is_dicom(p) for p in others}
+    dicoms = [p for p in others if marked[p]]
+    # the DICOM marker ends at byte 132: a shorter file may be a slice cut off in copying
+    stubs = [p for p in others if not marked[p] and p.stat().st_size < _DICOM_MARKER_END]
+    series, skipped = read_dicom_series(dicoms, stubs)
     series += read_bids_series(niftis)
     if not series:
         if not dicoms:
