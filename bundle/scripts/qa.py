@@ -71,8 +71,8 @@ def physics_qa(residuals: np.ndarray, images: np.ndarray, mask: np.ndarray, seri
             listed = ", ".join(f"{judged[i] + 1} ({ratios[i]:.2f} x)" for i in flagged)
             warnings.append(
                 f"{name}: re-synthesised from the maps, slice(s) {listed} of {mask.shape[2]} of the T1w grid differ "
-                f"from the input more than {SLICE_RATIO_THRESHOLD:g} times as much as their neighbours: a corrupt or "
-                "moved slice of this series?"
+                f"from the input more than {SLICE_RATIO_THRESHOLD:g} times as much as their neighbours: a corrupt "
+                "slice of this series, or of another one that spoils the maps there?"
             )
         entries[name] = entry
         if worst is None or ratios[k] > worst["ratio_to_neighbours"]:

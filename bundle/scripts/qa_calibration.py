@@ -5,7 +5,7 @@ BIDS NIfTI with JSON sidecars, once clean and once per damage in ``DAMAGES``; ev
 inference config (``--refine false``: the QA describes the network's maps, before any refinement) and
 its ``report.json`` gives, per series, the whole-volume residual and the worst slice's residual relative to
 its neighbours'. The thresholds in ``scripts/qa.py`` should pass every clean study and flag every
-broken one; the table says which do. From the repository root (about 25 s per copy on 2 CPU cores)::
+broken one; the table says which do. From the repository root (about 40 s per copy on 2 CPU cores)::
 
     python bundle/scripts/qa_calibration.py bundle/eval/clinical/studies/{philips-1,philips-2,siemens-1,ge-1} \\
         --work /tmp/qa_calibration --out bundle/docs/qa_calibration.md

@@ -38,8 +38,7 @@ def read_study(path: str | os.PathLike) -> list[Series]:
     others = [p for p in files if not p.name.endswith(_NIFTI)]
     marked = {p: _is_dicom(p) for p in others}
     dicoms = [p for p in others if marked[p]]
-    # the DICOM marker ends at byte 132: a shorter file may be a slice cut off in copying
-    stubs = [p for p in others if not marked[p] and p.stat().st_size < _DICOM_MARKER_END]
+    stubs = [p for p in others if not marked[p] and _is_stub(p)]
     series, skipped = read_dicom_series(dicoms, stubs)
     series += read_bids_series(niftis)
     if not series:
@@ -55,6 +54,18 @@ def read_study(path: str | os.PathLike) -> list[Series]:
     series.sort(key=lambda s: (s.number is None, s.number or 0, s.uid))
     LOG.info("Read %d series from %s (%d DICOM files skipped)", len(series), root, len(skipped))
     return series
+
+
+def _is_stub(path: Path) -> bool:
+    """Empty, or binary and shorter than the DICOM marker (byte 132): perhaps a slice cut off in copying.
+
+    Short text files (a BIDS sidecar, a README) are not: they never were DICOM.
+    """
+    try:
+        data = path.read_bytes()[:_DICOM_MARKER_END]
+    except OSError:
+        return False
+    return len(data) < _DICOM_MARKER_END and (not data or b"\0" in data)
 
 
 def _is_dicom(path: Path) -> bool:
