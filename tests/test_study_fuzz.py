@@ -127,7 +127,7 @@ def test_without_a_stated_count_and_no_like_series_the_suspect_is_a_warning(tmp_
     assert (
         f"could be its slices, and no ImagesInAcquisition (0020,1002) states its slice count: {paths[0]}" in caplog.text
     )
-    assert "no series with the same slices reaches beyond it" in caplog.text
+    assert "no series of the same slice orientation and step reaches beyond it" in caplog.text
 
 
 @pytest.mark.parametrize("keyword, value", [("Rows", 6), ("Columns", 8), ("BitsAllocated", 8)])

@@ -3,9 +3,9 @@
 Files are read once in full, to catch truncated pixel data early, and kept header-only; pixels are decoded
 again only for the series a caller actually uses. Problems are sorted by what they break:
 
-- a file that does not parse, or whose pixel data are short, makes its series unusable when its header
-  still names the series; a file that names no series is listed in one warning, and is suspected of being
-  a missing slice of the series in its folder: the slice count that classic MR images state
+- a file that does not parse, or whose pixel data do not fit its header, makes its series unusable when
+  its header still names the series; a file that names no series is listed in one warning, and is suspected
+  of being a missing slice of the series in its folder: the slice count that classic MR images state
   (ImagesInAcquisition) must then be met, and where none is stated, selection compares the series'
   coverage with the other series' (``select._check_coverage``);
 - a missing or non-numeric TR/TE/TI, position or orientation, or an irregular slice stack, makes the whole

@@ -21,9 +21,10 @@ def read_study(path: str | os.PathLike) -> list[Series]:
     """All MR series under ``path`` (a folder, walked recursively, or one file), ordered by SeriesNumber.
 
     DICOM files are recognised by content (the ``DICM`` marker), whatever their names; other files are
-    skipped silently. NIfTI files with a JSON sidecar are read as BIDS series. Raises StudyError when the
-    folder is missing or empty or holds no MR image series; problems of single series are kept in
-    ``Series.problem`` (see :class:`Series`).
+    skipped silently, except empty or binary ones too short for the marker (a cut-off slice?), which are
+    reported with the unreadable DICOM files. NIfTI files with a JSON sidecar are read as BIDS series.
+    Raises StudyError when the folder is missing or empty or holds no MR image series; problems of single
+    series are kept in ``Series.problem`` (see :class:`Series`).
     """
     root = Path(path)
     if not root.exists():

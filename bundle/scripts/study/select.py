@@ -247,11 +247,12 @@ def _check_coverage(chosen: dict[str, Series]) -> None:
         )
         if beyond:
             raise StudyError(
-                f"{what}; {', and '.join(beyond)} with the same slices, so its end slice is probably missing and "
-                "the maps would silently lack it. Export the series again, or remove the unreadable files if "
-                "they are not its slices."
+                f"{what}; {', and '.join(beyond)} with the same slice orientation and step, so its end slice is "
+                "probably missing and the maps would silently lack it. Export the series again, or remove the "
+                "unreadable files if they are not its slices."
             )
-        LOG.warning(f"{what}; no series with the same slices reaches beyond it, so no end slice seems missing.")
+        LOG.warning(f"{what}; no series of the same slice orientation and step reaches beyond it, so no end slice "
+                    "seems missing.")  # fmt: skip
 
 
 def _extent(series: Series, normal: np.ndarray) -> tuple[float, float, float]:
