@@ -231,7 +231,8 @@ def test_report_names_skipped_files_and_automatic_choices(sample, model, tmp_pat
         ds.SOPInstanceUID += ".9"
         ds.save_as(path)
     report = _infer(study, tmp_path / "maps", model, mask=str(sample["truth"] / "mask.nii.gz"))
-    assert any("junk.dcm" in w for w in report["warnings"])
+    assert any(w.startswith("1 file(s) could not be read as an image of any series") and "junk.dcm" in w
+               for w in report["warnings"])  # fmt: skip
     assert any(w.startswith("automatic choice: T1w") and "--t1w_series" in w for w in report["warnings"])
 
 
@@ -252,3 +253,7 @@ def test_a_zeroed_slice_is_named_in_the_report(sample, model, tmp_path):
     ds.save_as(flair)
     report = _infer(study, tmp_path / "maps", model, mask=mask)
     assert f"FLAIR slice {k + 1} of {frames.shape[0]} is empty or constant." in report["warnings"]
+    # the physics QA finds it too (the FLAIR shares the T1w grid's slices), and the QA figure shows it
+    shown = report["qa_figure"]["shows"]
+    assert (shown["series"], shown["slice"]) == ("FLAIR", k + 1) and shown["ratio_to_neighbours"] > 2
+    assert any(w.startswith(f"FLAIR: re-synthesised from the maps, slice(s) {k + 1} (") for w in report["warnings"])

@@ -23,6 +23,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.utils import convert_to_numpy
 from scripts import physics
+from scripts.qa import physics_qa
 from scripts.study import LOG as STUDY_LOG
 from scripts.study import StudyError, identity_mismatches, load_study, write_parametric_map
 
@@ -226,8 +227,8 @@ class StudyWriter:
         study: the study's inputs.
         output: where to write.
         model: checkpoint file and bundle metadata, for the report.
-        residual_warning: mean absolute QA residual, as a fraction of the series' mean signal in the mask,
-            above which a series is flagged.
+
+    The physics-QA thresholds are those of ``scripts.qa``.
     """
 
     def __init__(
@@ -236,11 +237,9 @@ class StudyWriter:
         output: OutputFolder,
         checkpoint: str,
         metadata: dict | None = None,
-        residual_warning: float = 0.15,
     ) -> None:
         self.study, self.output, self.checkpoint = study, output, Path(checkpoint)
         self.metadata = metadata or {}
-        self.residual_warning = residual_warning
         self.marks: dict[str, float] = {}
 
     def attach(self, engine: Engine) -> None:
@@ -275,21 +274,22 @@ class StudyWriter:
             _save_nifti(np.where(mask, values, 0.0), affine, out / f"{name}_map.nii.gz", f"{name} map ({unit})")
         _save_nifti(mask.astype(np.uint8), affine, out / "mask.nii.gz", "brain mask")
         images = convert_to_numpy(output["image"])
-        qa = {}
-        for series, values, image in zip(physics.SERIES, residual, images, strict=True):
+        for series, values in zip(physics.SERIES, residual, strict=True):
             _save_nifti(np.where(mask, values, 0.0), affine, out / "qa" / f"residual_{series}.nii.gz",
                         f"{series} resynthesised - input (normalised)")  # fmt: skip
-            qa[series] = self._qa_entry(series, values[mask], image[mask])
-        qa_figure(images, maps, residual, mask, out / "qa.png")
+        qa = physics_qa(residual, images, mask, physics.SERIES)
+        for warning in qa["warnings"]:
+            LOG.warning(warning)
+        qa_figure(images, maps, residual, mask, qa["worst_slice"], out / "qa.png")
         dicom = self._write_dicom(np.where(mask, maps, 0.0), out / "dicom")
         sliced = slice_warnings({name: series.volume for name, series in self.study.chosen.items()})
         for warning in sliced:
             LOG.warning(warning)
-        warnings = [*self.output.warnings, *self.study.warnings, *(q["warning"] for q in qa.values() if "warning" in q),
-                    *sliced]  # fmt: skip
+        warnings = [*self.output.warnings, *self.study.warnings, *qa["warnings"], *sliced]
         timings = self._timings(batch, time.perf_counter() - start)
         refinement = output.get("refinement", {"enabled": False})
-        report = {**self._report(batch, qa, warnings, timings), "physics_refinement": refinement, "dicom": dicom}
+        report = {**self._report(batch, qa["series"], warnings, timings), "qa_figure": {"shows": qa["worst_slice"]},
+                  "physics_refinement": refinement, "dicom": dicom}  # fmt: skip
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         self.output.commit()
         LOG.info("Wrote %s", self.output.path)
@@ -314,19 +314,6 @@ class StudyWriter:
             )
             written.append(str(path.relative_to(folder.parent)))
         return written
-
-    def _qa_entry(self, series: str, residual: np.ndarray, image: np.ndarray) -> dict:
-        """Residual statistics in the mask, relative to the series' mean signal there."""
-        relative = float(np.abs(residual).mean() / max(float(image.mean()), 1e-12))
-        entry = {"relative_mean_abs_residual": relative, "rms_residual": float(np.sqrt((residual**2).mean()))}
-        if relative > self.residual_warning:
-            entry["warning"] = (
-                f"{series}: re-synthesised from the maps with its own TR/TE/TI, it differs from the input by "
-                f"{100 * relative:.1f} % of its mean brain signal (threshold {100 * self.residual_warning:.0f} %): "
-                "the maps do not explain this series well."
-            )
-            LOG.warning(entry["warning"])
-        return entry
 
     def _timings(self, batch: dict, writing: float) -> dict:
         m = self.marks
@@ -401,14 +388,16 @@ def _save_nifti(values: np.ndarray, affine: np.ndarray, path: Path, description:
     nib.save(image, path)
 
 
-def qa_figure(images: np.ndarray, maps: np.ndarray, residual: np.ndarray, mask: np.ndarray, path: Path) -> None:
-    """Inputs, maps (with colour bars in their units) and QA residuals on the slice with the most brain."""
+def qa_figure(
+    images: np.ndarray, maps: np.ndarray, residual: np.ndarray, mask: np.ndarray, worst: dict, path: Path
+) -> None:
+    """Inputs, maps (with colour bars in their units) and QA residuals on the worst slice of ``physics_qa``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = int(mask.sum(axis=(0, 1)).argmax())
+    k = worst["slice"] - 1
     fig, axes = plt.subplots(3, 3, figsize=(11, 10.5), constrained_layout=True)
     ranges = {"T1": (0, 4500), "T2": (0, 300), "PD": (0, 100)}
     rows = [
@@ -424,6 +413,8 @@ def qa_figure(images: np.ndarray, maps: np.ndarray, residual: np.ndarray, mask: 
             ax.set_title(title)
             ax.set_axis_off()
             fig.colorbar(shown, ax=ax, shrink=0.8, label=unit)
-    fig.suptitle(f"pdpe-qmri: slice {k} of the T1w grid (re-synthesised minus input: near 0 is consistent)")
+    fig.suptitle(f"pdpe-qmri: slice {worst['slice']} of {mask.shape[2]} of the T1w grid, the worst of the physics QA\n"
+                 f"({worst['series']} residual {worst['ratio_to_neighbours']:.2f} x its neighbours'; re-synthesised "
+                 "minus input near 0 is consistent)")  # fmt: skip
     fig.savefig(path, dpi=80)
     plt.close(fig)

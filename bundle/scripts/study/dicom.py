@@ -3,8 +3,11 @@
 Files are read once in full, to catch truncated pixel data early, and kept header-only; pixels are decoded
 again only for the series a caller actually uses. Problems are sorted by what they break:
 
-- a file that does not parse, or whose pixel data are short, is skipped with a warning; if that leaves a
-  gap in its series, the series' geometry check names the file;
+- a file that does not parse, or whose pixel data do not fit its header, makes its series unusable when
+  its header still names the series; a file that names no series is listed in one warning, and is suspected
+  of being a missing slice of the series in its folder: the slice count that classic MR images state
+  (ImagesInAcquisition) must then be met, and where none is stated, selection compares the series'
+  coverage with the other series' (``select._check_coverage``);
 - a missing or non-numeric TR/TE/TI, position or orientation, or an irregular slice stack, makes the whole
   series unusable (``Series.problem``), which raises only if that series is selected;
 - images of another modality are skipped with a warning (a study may carry a CT or a screenshot).
@@ -22,7 +25,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import UID, EnhancedMRImageStorage, MRImageStorage
+from pydicom.uid import UID, EnhancedMRImageStorage, MediaStorageDirectoryStorage, MRImageStorage
 
 from .errors import LOG, StudyError, tag_label
 from .series import Series
@@ -51,72 +54,86 @@ class _Frame:
     thickness: float | None  # SpacingBetweenSlices or SliceThickness: the step of a single-slice series
 
 
-def read_dicom_series(paths: list[Path]) -> tuple[list[Series], list[str]]:
-    """Group DICOM files into MR series; also return one note per skipped file (for a 'nothing found' error)."""
-    skipped: list[str] = []
+def read_dicom_series(paths: list[Path], stubs: list[Path] = ()) -> tuple[list[Series], list[str]]:
+    """Group DICOM files into MR series; also return one note per skipped file (for a 'nothing found' error).
+
+    ``stubs`` are files too short to hold the DICOM marker: in a series' folder, they may be its truncated slices.
+    """
     non_mr: list[str] = []
-    dropped: dict[str | None, list[str]] = defaultdict(list)  # unreadable files, by series UID when known
+    other: list[str] = []  # DICOM objects that are not images (a DICOMDIR, a report)
+    unattributed = [(path, f"{path}: {path.stat().st_size} bytes, too short for DICOM (truncated?)") for path in stubs]
+    damaged: dict[Path, str] = {}  # unusable images whose header names their series
     groups: dict[str, dict[str, tuple[Path, Dataset]]] = defaultdict(dict)
     for path in paths:
         try:
-            ds = _read_header(path)
+            ds, damage = _read_header(path)
             sop_class, modality = UID(str(ds.get("SOPClassUID", ""))), str(ds.get("Modality", ""))
             if modality in ("MR", "") and sop_class in _MR_IMAGES:
                 series_uid, instance = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
         except Exception as err:  # noqa: BLE001 - pydicom raises many types on corrupt input; each is "unreadable"
-            note = f"{path}: unreadable ({err})"
-            series_uid = getattr(err, "series_uid", None)
-            LOG.warning("Skipped %s", note)
-            skipped.append(note)
-            dropped[series_uid].append(note)
+            unattributed.append((path, f"{path}: unreadable ({err})"))
             continue
         if modality not in ("MR", ""):
             non_mr.append(f"{path}: {tag_label('Modality')} = '{modality}' ({sop_class.name or sop_class}), not MR")
             continue
         if sop_class not in _MR_IMAGES:
             LOG.debug("Skipped %s: %s is not an MR image", path, sop_class.name or sop_class)
-            skipped.append(f"{path}: {sop_class.name or sop_class or 'no SOPClassUID'}, not an MR image")
+            other.append(f"{path}: {sop_class.name or sop_class or 'no SOPClassUID'}, not an MR image")
             continue
-        if instance in groups[series_uid]:
-            LOG.info("Skipped %s: duplicate of %s", path, groups[series_uid][instance][0])
+        if damage:
+            damaged[path] = f"{path}: unreadable ({damage})"
+        known = groups[series_uid].get(instance)
+        if known is not None and (damage or known[0] not in damaged):  # a good copy wins over a damaged one
+            LOG.info("Skipped %s: duplicate of %s", path, known[0])
             continue
         groups[series_uid][instance] = (path, ds)
     if non_mr:
         LOG.warning("Skipped %d image(s) of another modality than MR, e.g. %s", len(non_mr), non_mr[0])
-    series = [_build_series(uid, list(items.values()), dropped[uid]) for uid, items in groups.items()]
-    return series, non_mr + skipped
+    if unattributed:
+        LOG.warning(
+            "%d file(s) could not be read as an image of any series (a damaged file may be a missing slice): %s",
+            len(unattributed),
+            "; ".join(note for _, note in unattributed),
+        )
+    series = []
+    for uid, items in groups.items():
+        folders = {path.parent for path, _ in items.values()}
+        nearby = [note for path, note in unattributed if path.parent in folders]
+        unusable = [damaged[path] for path, _ in items.values() if path in damaged]
+        series.append(_build_series(uid, list(items.values()), unusable, nearby))
+    return series, non_mr + [note for _, note in unattributed] + list(damaged.values()) + other
 
 
-class _TruncatedError(ValueError):
-    """Pixel data that do not match the header; remembers the series the file belonged to."""
+def _read_header(path: Path) -> tuple[Dataset, str | None]:
+    """Read the whole file and keep the header only; also say what makes its pixel data unusable, if anything.
 
-    def __init__(self, message: str, series_uid: str | None):
-        super().__init__(message)
-        self.series_uid = None if series_uid is None else str(series_uid)
-
-
-def _read_header(path: Path) -> Dataset:
-    """Read the whole file, check the pixel data length, and keep the header only."""
+    A header that still names its series makes the file a problem of that series, not a skipped file.
+    """
     ds = dcmread(path)
-    if not (ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")):
-        raise ValueError("no SOP Class UID; not a DICOM object")
+    # every DICOM object but a DICOMDIR starts with its SOP class and instance: without them, the file is cut short
+    if ds.file_meta.get("MediaStorageSOPClassUID") != MediaStorageDirectoryStorage:
+        for keyword in ("SOPClassUID", "SOPInstanceUID"):
+            if not ds.get(keyword):
+                raise ValueError(f"no {tag_label(keyword)} in the data set; cut short, or not a DICOM object")
+    damage = None
     if "PixelData" not in ds and ds.get("SOPClassUID") in _MR_IMAGES:
-        raise _TruncatedError("no pixel data", ds.get("SeriesInstanceUID"))
+        damage = "no pixel data"
     if "PixelData" in ds:
         syntax = ds.file_meta.get("TransferSyntaxUID")
         expected = None if syntax is None or syntax.is_compressed else get_expected_length(ds)
         # the value may carry one byte of padding to an even length
         if expected is not None and not expected <= len(ds.PixelData) <= expected + 1:
-            raise _TruncatedError(
-                f"{tag_label('PixelData')} holds {len(ds.PixelData)} bytes where {tag_label('Rows')} x "
-                f"{tag_label('Columns')} x samples x frames x bits promise {expected}",
-                ds.get("SeriesInstanceUID"),
+            damage = (
+                f"{tag_label('PixelData')} holds {len(ds.PixelData)} bytes where {tag_label('Rows')} = "
+                f"{ds.Rows}, {tag_label('Columns')} = {ds.Columns}, {tag_label('BitsAllocated')} = "
+                f"{ds.BitsAllocated}, samples and frames promise {expected}"
             )
         del ds.PixelData
-    return ds
+    return ds, damage
 
 
-def _build_series(uid: str, items: list[tuple[Path, Dataset]], dropped: list[str]) -> Series:
+def _build_series(uid: str, items: list[tuple[Path, Dataset]], dropped: list[str], nearby: list[str]) -> Series:
+    """``dropped``: its own files that cannot be used; ``nearby``: unattributed unreadable files in its folders."""
     items.sort(key=lambda item: str(item[0]))
     path, ds = items[0]
     number = _optional(ds, "SeriesNumber", int)
@@ -134,13 +151,17 @@ def _build_series(uid: str, items: list[tuple[Path, Dataset]], dropped: list[str
         contrast_agent=_optional(ds, "ContrastBolusAgent", str) or "",
     )
     try:
-        if dropped:  # a file of this series (by its header) that cannot be used: never a silent gap
-            raise StudyError(f"{len(dropped)} of its files cannot be used: {'; '.join(dropped)}.")
+        _check_identity(items)
         frames = [frame for p, d in items for frame in _frames(d, p)]
         series.tr, series.te, series.ti = _common_timing(frames)
+        if dropped:  # a file of this series (by its header) that cannot be used: never a silent gap
+            raise StudyError(f"{len(dropped)} of its files cannot be used: {'; '.join(dropped)}.")
         frames, series.affine = _geometry(frames)
+        series.unreadable_nearby = [] if _check_count(items, len(frames)) else nearby
     except StudyError as err:
         series.problem = str(err)
+        if nearby:
+            series.problem += f" Unreadable file(s) in its folder, perhaps some of its slices: {'; '.join(nearby)}."
         LOG.info("%s cannot be used: %s", series.label, series.problem)
         return series
     first_slice: dict[Path, int] = {}
@@ -153,6 +174,47 @@ def _build_series(uid: str, items: list[tuple[Path, Dataset]], dropped: list[str
     series.slice_sources = [(frame.path, frame.index) for frame in frames]
     series.loader = partial(_load_volume, frames)
     return series
+
+
+def _check_identity(items: list[tuple[Path, Dataset]]) -> None:
+    """The files of one series belong to one patient, study and frame of reference (a merge can mix them)."""
+    for keyword in ("PatientID", "StudyInstanceUID", "FrameOfReferenceUID"):
+        values = {}
+        for path, ds in items:
+            values.setdefault(_optional(ds, keyword, str), path)
+        if len(values) > 1:
+            listed = "; ".join(f"{value!r} in {path}" for value, path in values.items())
+            raise StudyError(
+                f"its files disagree on {tag_label(keyword)}: {listed}; files of another patient, study or "
+                "session cannot be slices of this volume."
+            )
+
+
+def _check_count(items: list[tuple[Path, Dataset]], found: int) -> bool:
+    """Whether the files state how many slices the series has; StudyError when fewer were found.
+
+    One Enhanced MR file holds all its frames (NumberOfFrames is checked when reading it). Classic MR images
+    state ImagesInAcquisition; an acquisition split into several series (e.g. the echoes of a dual-echo
+    sequence) states the images of all of them, a whole multiple (of two or more slices) of each series'
+    slices, which is no missing slice; more slices than stated means the tag counts something else, and it says nothing.
+    """
+    if len(items) == 1 and items[0][1].SOPClassUID == EnhancedMRImageStorage:
+        return True
+    stated = {_optional(ds, "ImagesInAcquisition", int) for _, ds in items} - {None}
+    if not stated:
+        return False
+    expected = max(stated)
+    if expected < found:
+        LOG.info("%d images found where ImagesInAcquisition = %d: not a count of this series' slices", found, expected)
+        return False
+    if found > 1 and expected % found == 0:
+        return True
+    path = next(p for p, ds in items if _optional(ds, "ImagesInAcquisition", int) == expected)
+    raise StudyError(
+        f"{expected - found} slice(s) missing: {found} images found where {tag_label('ImagesInAcquisition')} = "
+        f"{expected} ({path}); the maps would lack them (at an edge, no gap would show); "
+        "export the series again."
+    )
 
 
 def _is_multi(value) -> bool:

@@ -14,15 +14,17 @@ from .select import select_series
 from .series import Series
 
 _NIFTI = (".nii", ".nii.gz")
+_DICOM_MARKER_END = 132
 
 
 def read_study(path: str | os.PathLike) -> list[Series]:
     """All MR series under ``path`` (a folder, walked recursively, or one file), ordered by SeriesNumber.
 
     DICOM files are recognised by content (the ``DICM`` marker), whatever their names; other files are
-    skipped silently. NIfTI files with a JSON sidecar are read as BIDS series. Raises StudyError when the
-    folder is missing or empty or holds no MR image series; problems of single series are kept in
-    ``Series.problem`` (see :class:`Series`).
+    skipped silently, except empty or binary ones too short for the marker (a cut-off slice?), which are
+    reported with the unreadable DICOM files. NIfTI files with a JSON sidecar are read as BIDS series.
+    Raises StudyError when the folder is missing or empty or holds no MR image series; problems of single
+    series are kept in ``Series.problem`` (see :class:`Series`).
     """
     root = Path(path)
     if not root.exists():
@@ -34,8 +36,11 @@ def read_study(path: str | os.PathLike) -> list[Series]:
             "or NIfTI files with BIDS JSON sidecars."
         )
     niftis = [p for p in files if p.name.endswith(_NIFTI)]
-    dicoms = [p for p in files if not p.name.endswith(_NIFTI) and _is_dicom(p)]
-    series, skipped = read_dicom_series(dicoms)
+    others = [p for p in files if not p.name.endswith(_NIFTI)]
+    marked = {p: _is_dicom(p) for p in others}
+    dicoms = [p for p in others if marked[p]]
+    stubs = [p for p in others if not marked[p] and _is_stub(p)]
+    series, skipped = read_dicom_series(dicoms, stubs)
     series += read_bids_series(niftis)
     if not series:
         if not dicoms:
@@ -50,6 +55,18 @@ def read_study(path: str | os.PathLike) -> list[Series]:
     series.sort(key=lambda s: (s.number is None, s.number or 0, s.uid))
     LOG.info("Read %d series from %s (%d DICOM files skipped)", len(series), root, len(skipped))
     return series
+
+
+def _is_stub(path: Path) -> bool:
+    """Empty, or binary and shorter than the DICOM marker (byte 132): perhaps a slice cut off in copying.
+
+    Short text files (a BIDS sidecar, a README) are not: they never were DICOM.
+    """
+    try:
+        data = path.read_bytes()[:_DICOM_MARKER_END]
+    except OSError:
+        return False
+    return len(data) < _DICOM_MARKER_END and (not data or b"\0" in data)
 
 
 def _is_dicom(path: Path) -> bool:

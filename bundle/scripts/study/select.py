@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from ..physics import SERIES
 from .errors import LOG, StudyError, tag_label
 from .series import Series
@@ -28,6 +30,8 @@ _HINTS = (
     ("T1w", re.compile(r"(?<![a-z0-9])t1(?![0-9])|mprage", re.IGNORECASE)),
 )
 _LOCALIZER = re.compile(r"locali[sz]er|scout|survey|(?<![a-z])loc(?![a-z])", re.IGNORECASE)
+#: Slice normals closer than this cosine (about 5 degrees) are one orientation for the coverage check.
+_PARALLEL = 0.996
 _CRITERIA = (
     "its description agrees",
     "it is pre-contrast",
@@ -74,7 +78,8 @@ def select_series(
     ``overrides`` maps a class to a SeriesInstanceUID, a SeriesNumber (int or digits) or, for NIfTI
     input, a file name; empty values are ignored. Raises StudyError when a class has no usable series
     (listing every series found), an override matches no series or an unusable one, one series would serve
-    two classes, or the chosen series do not share a Frame of Reference.
+    two classes, the chosen series do not share a Frame of Reference, or one of them probably lost an end
+    slice (see ``_check_coverage``).
     """
     overrides = {name: value for name, value in (overrides or {}).items() if value not in (None, "")}
     unknown = set(overrides) - set(SERIES)
@@ -107,6 +112,7 @@ def select_series(
         raise StudyError(_missing_message(missing, series_list, classes))
     _check_distinct(chosen)
     _check_frame_of_reference(chosen)
+    _check_coverage(chosen)
     mixed = identity_mismatches(chosen)
     if mixed and not allow_mixed:
         raise StudyError(
@@ -207,3 +213,52 @@ def _check_frame_of_reference(chosen: dict[str, Series]) -> None:
             "repositioned), so they cannot be aligned by their headers; register them first or choose series "
             "of one session."
         )
+
+
+def _check_coverage(chosen: dict[str, Series]) -> None:
+    """A series with unreadable files in its folder and no stated slice count may have lost an end slice.
+
+    No gap betrays a missing first or last slice, and protocols legitimately cover different extents, so
+    only a like series decides: one with the same slice orientation and step that reaches half a step or
+    more beyond the stack's end makes the loss probable (StudyError naming the files); otherwise a warning
+    names them.
+    """
+    for name, series in chosen.items():
+        if not series.unreadable_nearby:
+            continue
+        normal = np.cross(series.affine[:3, 0], series.affine[:3, 1])
+        normal /= np.linalg.norm(normal)
+        first, last, step = _extent(series, normal)
+        beyond = []
+        for other_name, other in chosen.items():
+            other_normal = np.cross(other.affine[:3, 0], other.affine[:3, 1])
+            if other is series or abs(other_normal @ normal) < _PARALLEL * np.linalg.norm(other_normal):
+                continue
+            other_first, other_last, other_step = _extent(other, normal)
+            if abs(other_step - step) > 0.01 * step:
+                continue
+            for end, gap in (("first", first - other_first), ("last", other_last - last)):
+                if gap >= step / 2:
+                    beyond.append(f"the {other_name} ({other.label}) reaches {gap:.1f} mm beyond its {end} slice")
+        what = (
+            f"{name} {series.label}: unreadable file(s) in its folder could be its slices, and no "
+            f"{tag_label('ImagesInAcquisition')} states its slice count: {'; '.join(series.unreadable_nearby)}. "
+            f"Its {series.shape[2]} slices of {step:.3g} mm cover {last - first:.1f} mm along their normal"
+        )
+        if beyond:
+            raise StudyError(
+                f"{what}; {', and '.join(beyond)} with the same slice orientation and step, so its end slice is "
+                "probably missing and the maps would silently lack it. Export the series again, or remove the "
+                "unreadable files if they are not its slices."
+            )
+        LOG.warning(f"{what}; no series of the same slice orientation and step reaches beyond it, so no end slice "
+                    "seems missing.")  # fmt: skip
+
+
+def _extent(series: Series, normal: np.ndarray) -> tuple[float, float, float]:
+    """Where the series' slices begin and end along ``normal`` (mm), and their step along it."""
+    count = series.shape[2]
+    corners = series.affine @ np.array([[0, 0, 0, 1], [0, 0, count - 1, 1]], dtype=float).T
+    step = abs(float(series.affine[:3, 2] @ normal))
+    low, high = sorted(corners[:3].T @ normal)
+    return float(low - step / 2), float(high + step / 2), step

@@ -53,6 +53,9 @@ class Series:
     datasets: list[Dataset] = field(default_factory=list, repr=False)
     #: For DICOM, the source of each slice k of ``volume``: (file, 0-based frame in that file).
     slice_sources: list[tuple[Path, int]] = field(default_factory=list, repr=False)
+    #: Unreadable files in its folder that no header rules out as its missing edge slices (nothing states its
+    #: slice count); selection weighs them against the other series' coverage.
+    unreadable_nearby: list[str] = field(default_factory=list, repr=False)
     #: Class declared by the source itself (BIDS suffix), trusted over TR/TE/TI; None for DICOM.
     declared_class: str | None = None
     image_type: tuple[str, ...] = ()

@@ -10,7 +10,8 @@ Used for the sample study (weighted images, ground-truth maps) and for tests. Ch
 - Geometry: the affine is RAS+ with voxel ``[i, j, k]`` = (column, row, slice), nibabel's view; it becomes
   PixelSpacing, ImageOrientationPatient and one ImagePositionPatient per slice (LPS+). Readers order
   slices along row x column cosines, so an affine with a negative determinant reads back with its slice
-  axis reversed (same voxels in the world, another index order).
+  axis reversed (same voxels in the world, another index order). Classic images state the slice count in
+  ImagesInAcquisition, as Siemens, GE and Philips classic MR images do (the reader checks it).
 - UIDs come from :class:`Study` (``pydicom.uid.generate_uid`` with entropy sources), so the same study,
   series number and slice always get the same UID, and series written with one Study share its patient,
   StudyInstanceUID and FrameOfReferenceUID. Dates and times are fixed by the Study too: same inputs, same
@@ -126,6 +127,7 @@ def write_classic_mr_series(
     base.RescaleIntercept, base.RescaleSlope = "0", _ds(slope)
     base.update(_window(stored, slope))
     base.AcquisitionDate, base.AcquisitionTime = base.SeriesDate, base.SeriesTime
+    base.ImagesInAcquisition = volume.shape[2]
     if units:
         base.RealWorldValueMappingSequence = [_real_world_mapping(units, series_description, stored, slope)]
     out = Path(out_dir)
