@@ -42,7 +42,8 @@ def find_studies(studies_dir: str | None = None, studies_list: str | None = None
             lines = listing.read_text().splitlines()
         except OSError as err:
             fail(f"cannot read --studies_list {listing}: {err.strerror or err}.")
-        studies = [(listing.parent / line.strip()).resolve() for line in lines if line.strip() and line[0] != "#"]
+        entries = [line.strip() for line in lines]
+        studies = [(listing.parent / e).resolve() for e in entries if e and not e.startswith("#")]
         if missing := [str(p) for p in studies if not p.is_dir()]:
             fail(f"{listing} names folders that do not exist: {', '.join(missing[:5])}.")
     if not studies:
