@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from scripts.qa import MIN_SLICE_BRAIN, SERIES_THRESHOLDS, physics_qa
 
 SERIES = ("T1w", "T2w", "FLAIR")

@@ -7,6 +7,8 @@ return the type they were given, so the same equation serves data synthesis, inf
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -152,17 +154,35 @@ def fit_maps(
             torch.as_tensor(np.asarray(prior_width, dtype=np.float64)),
         )
     out = np.empty((3, y.shape[1]))
-    for start in range(0, y.shape[1], chunk):
+
+    def fit(start: int) -> None:
         part = slice(start, start + chunk)
         start_theta = _grid_start(y[:, part], protocol) if prior is None else prior[:, part]
         anchor = None if prior is None else (prior[:, part], *weights)
         out[:, part] = _levenberg_marquardt(y[:, part], protocol, start_theta, anchor, iterations).numpy()
+
+    # Chunks are independent: one single-threaded chunk per core. Many small multi-threaded torch operations
+    # would instead meet at an OpenMP barrier each, which costs ~10x as soon as another job shares the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fit, range(0, y.shape[1], chunk)))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
-def _model(theta: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor:
-    """(3 series, N) signals of log-parameters ``theta`` (3: log T1, log T2, log PD, N)."""
-    return synthesize(torch.exp(theta), protocol)
+def _model(theta: torch.Tensor, protocol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3 series, N) signals of log-parameters ``theta`` (3: log T1, log T2, log PD, N) and their (3 series,
+    3 parameters, N) derivatives: ``signal`` in closed form, differentiated analytically (the fit's hot loop)."""
+    t1, t2, pd = torch.exp(theta)[:, None]
+    tr, te, ti = protocol.T[:, :, None]
+    recovery, inversion, decay = torch.exp(-tr / t1), torch.exp(-ti / t1), torch.exp(-te / t2)
+    longitudinal = 1.0 - 2.0 * inversion + recovery
+    signals = pd * longitudinal.abs() * decay
+    d_log_t1 = pd * decay * torch.sign(longitudinal) * (tr * recovery - 2.0 * ti * inversion) / t1
+    return signals, torch.stack([d_log_t1, signals * te / t2, signals], dim=1)
 
 
 def _log_bounds(dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,29 +208,54 @@ def _grid_start(y: torch.Tensor, protocol: torch.Tensor) -> torch.Tensor:
 
 
 def _levenberg_marquardt(y, protocol, theta, anchor, iterations: int) -> torch.Tensor:
-    """Minimise |(model - y) / noise|^2 (+ |(theta - prior) / width|^2 with ``anchor``) voxel by voxel."""
+    """Minimise |(model - y) / noise|^2 (+ |(theta - prior) / width|^2 with ``anchor``) voxel by voxel.
+
+    Voxels lie on the last axis of every array so that each step is a handful of vectorised operations:
+    the analytic Jacobian comes with each model evaluation (one per iteration, for the candidate), and the
+    3 x 3 normal equations are solved in closed form (Cramer's rule).
+    """
     low, high = _log_bounds(y.dtype)
     prior, noise, width = anchor if anchor is not None else (None, torch.ones(3, dtype=y.dtype), None)
     noise = noise.reshape(3, 1)
+    precision = None if prior is None else width.reshape(3, 1) ** -2
+    diagonal = (torch.arange(3), torch.arange(3))
 
-    def residuals(t):
-        data = (_model(t, protocol) - y) / noise
-        return data if prior is None else torch.cat([data, (t - prior) / width.reshape(3, 1)])
+    def evaluate(t):
+        """Cost, gradient (3, N) and Gauss-Newton matrix (3, 3, N) of the objective at ``t``."""
+        signals, jacobian = _model(t, protocol)
+        residual, jacobian = (signals - y) / noise, jacobian / noise[:, :, None]
+        cost = (residual**2).sum(0)
+        gradient = (jacobian * residual[:, None]).sum(0)
+        normal = (jacobian[:, :, None] * jacobian[:, None]).sum(0)
+        if prior is not None:
+            cost = cost + ((t - prior) ** 2 * precision).sum(0)
+            gradient = gradient + (t - prior) * precision
+            normal[diagonal] += precision
+        return cost, gradient, normal
 
     theta = theta.clamp(low, high)
+    state = evaluate(theta)
     damping = torch.full((y.shape[1],), 1e-3, dtype=y.dtype)
-    step = 1e-6
     for _ in range(iterations):
-        residual = residuals(theta)
-        jacobian = torch.stack(
-            [(residuals(theta + step * torch.eye(3, dtype=y.dtype)[:, k : k + 1]) - residual) / step for k in range(3)],
-            dim=-1,
-        ).permute(1, 0, 2)  # (N, residual, parameter)
-        jtj = jacobian.transpose(1, 2) @ jacobian
-        gradient = (jacobian.transpose(1, 2) @ residual.T[:, :, None])[:, :, 0]
-        system = jtj + damping[:, None, None] * torch.diag_embed(torch.diagonal(jtj, dim1=1, dim2=2) + 1e-12)
-        candidate = (theta + torch.linalg.solve(system, -gradient).T).clamp(low, high)
-        better = (residuals(candidate) ** 2).sum(0) < (residual**2).sum(0)
+        cost, gradient, normal = state
+        system = normal.clone()
+        system[diagonal] += damping * (normal[diagonal] + 1e-12)
+        candidate = (theta + _solve3(system, -gradient)).clamp(low, high)
+        trial = evaluate(candidate)
+        better = trial[0] < cost
         theta = torch.where(better, candidate, theta)
+        state = tuple(torch.where(better, new, old) for new, old in zip(trial, state, strict=True))
         damping = torch.where(better, damping / 3, damping * 5).clamp(1e-9, 1e9)
     return torch.exp(theta)
+
+
+def _solve3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solutions x (3, N) of the N 3 x 3 systems a[:, :, n] x[:, n] = b[:, n] (Cramer's rule)."""
+    columns = a.unbind(1)
+
+    def det(c0, c1, c2):
+        return (c0[0] * (c1[1] * c2[2] - c1[2] * c2[1]) - c1[0] * (c0[1] * c2[2] - c0[2] * c2[1])
+                + c2[0] * (c0[1] * c1[2] - c0[2] * c1[1]))  # fmt: skip
+
+    whole = det(*columns)
+    return torch.stack([det(*(b if j == k else c for j, c in enumerate(columns))) for k in range(3)]) / whole

@@ -25,7 +25,6 @@ import shutil  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 from monai.bundle import ConfigWorkflow  # noqa: E402
-
 from scripts import physics, qa  # noqa: E402
 from scripts.study import load_study  # noqa: E402
 
