@@ -1,6 +1,8 @@
 """The model-zoo release: the zip, unpacked alone outside the repository, passes the zoo's checks and maps alike."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -8,7 +10,10 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
+import tomllib
+import torch
 from conftest import REPO
+from monai.bundle import ConfigParser
 
 sys.path.insert(0, str(REPO / "release"))
 from build import build  # noqa: E402
@@ -61,3 +66,25 @@ def test_release_zip_passes_the_zoo_checks_and_maps_like_the_repository(tmp_path
     for name in repo:
         np.testing.assert_array_equal(unzipped[name], repo[name])
         np.testing.assert_allclose(ts[name], repo[name], rtol=1e-4, atol=1e-3)  # TorchScript: same maps to float noise
+
+
+def test_configs_are_formatted_as_the_zoo_hook_wants():
+    """pretty-format-json --no-sort-keys --indent=4, and a final newline (end-of-file-fixer)."""
+    for path in sorted((REPO / "bundle" / "configs").glob("*.json")):
+        text = path.read_text()
+        assert text == json.dumps(json.loads(text), indent=4) + "\n", f"{path.name} is not formatted"
+
+
+def test_metadata_describes_the_shipped_model():
+    metadata = json.loads((REPO / "bundle" / "configs" / "metadata.json").read_text())
+    parser = ConfigParser(ConfigParser.load_config_files([REPO / "bundle" / "configs" / "train.json"]))
+    image = metadata["network_data_format"]["inputs"]["image"]
+    assert image["spatial_shape"] == parser["spatial_size"]
+    assert metadata["network_data_format"]["outputs"]["pred"]["spatial_shape"] == parser["spatial_size"]
+    shipped = torch.load(REPO / "bundle" / "models" / "model.pt", weights_only=True)
+    network = parser.get_parsed_content("network_def")
+    assert {k: v.shape for k, v in network.state_dict().items()} == {k: v.shape for k, v in shipped.items()}
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    required = {re.split(r"[<>=!~ ]", d)[0] for d in dependencies} - {"torch", "monai", "numpy"}
+    assert set(metadata["required_packages_version"]) == required  # every runtime dependency, pinned
+    assert metadata["version"] in metadata["changelog"]

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch.distributed as dist
 from monai.bundle import ConfigWorkflow
 from monai.data import partition_dataset
-from tqdm import tqdm
-
 from scripts.inference import fail, flag
+from tqdm import tqdm
 
 LOG = logging.getLogger("scripts.batch")
 #: The table written into the batch's output folder, one row per study.
