@@ -5,12 +5,12 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 
 import nibabel as nib
 import numpy as np
 import pytest
-import tomllib
 import torch
 from conftest import REPO
 from monai.bundle import ConfigParser
