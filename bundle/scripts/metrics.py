@@ -13,10 +13,13 @@ reference lies in [0, 1] as in the paper; PSNR (Eq. 6) and MPE are invariant to 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import torch
+from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics.regression import RegressionMetric, compute_ssim_and_cs
 from monai.utils import MetricReduction, convert_to_tensor, look_up_option
+from scripts import physics
 
 #: Tissue labels of the phantom's ``labels.nii.gz`` (0 is background).
 ROI_LABELS = {1: "CSF", 2: "GM", 3: "WM", 4: "lesion"}
@@ -183,3 +186,21 @@ class MaskedMapMetric(RegressionMetric):
         if self.channel_reduction is not None:
             values = getattr(values, self.channel_reduction)(dim=1, keepdim=True)
         return values
+
+
+def per_map_handlers(metrics: Sequence[str], prefix: str = "") -> dict[str, IgniteMetricHandler]:
+    """One ignite metric handler per metric and map, named ``<prefix><metric>_<map>`` (e.g. ``val_mpe_T1``).
+
+    For a bundle config's ``additional_metrics``, instead of one near-identical block per metric and map.
+
+    Args:
+        metrics: names of :class:`MaskedMapMetric` metrics, e.g. ``["mpe", "psnr"]``.
+        prefix: prepended to every handler's name.
+    """
+    return {
+        f"{prefix}{metric}_{name}": IgniteMetricHandler(
+            metric_fn=MaskedMapMetric(metric, channel=channel), output_transform=from_engine(["pred", "label"])
+        )
+        for metric in metrics
+        for channel, name in enumerate(physics.MAPS)
+    }
