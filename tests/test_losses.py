@@ -95,7 +95,7 @@ def test_two_argument_form_equals_three_argument_form():
 @pytest.mark.parametrize(
     "shapes, match",
     [
-        (((2, 3, 4, 4), (2, 2, 4, 4), None), "target shape"),
+        (((2, 3, 4, 4), (2, 2, 4, 4), None), "must match prediction"),
         (((2, 3, 4, 4), (2, 3, 4, 4), (2, 1, 4, 5)), "mask shape"),
         (((2, 3, 4, 4), (2, 3, 4, 4), (2, 2, 4, 4)), "mask shape"),
         (((2, 2, 4, 4), (2, 2, 4, 4), None), "3 weights for 2 channels"),

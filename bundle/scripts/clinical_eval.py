@@ -296,7 +296,7 @@ def nse_figure(study: Path, kept: dict, methods: list[str], path: Path) -> None:
     truth, labels = _truth(study)
     k = int(np.isin(labels, list(ROIS)).sum(axis=(0, 1)).argmax())
     fig, axes = plt.subplots(len(methods) + 1, 3, figsize=(10, 3.2 * (len(methods) + 1)), constrained_layout=True)
-    windows = {"T1": (0, 4500), "T2": (0, 300), "PD": (0, 100)}
+    windows = physics.DISPLAY_WINDOWS
     for c, (name, unit) in enumerate(zip(physics.MAPS, physics.MAP_UNITS, strict=True)):
         shown = axes[0, c].imshow(truth[c][:, :, k].T, cmap="magma", vmin=windows[name][0], vmax=windows[name][1])
         axes[0, c].set_title(f"true {name}")

@@ -399,7 +399,7 @@ def qa_figure(
 
     k = worst["slice"] - 1
     fig, axes = plt.subplots(3, 3, figsize=(11, 10.5), constrained_layout=True)
-    ranges = {"T1": (0, 4500), "T2": (0, 300), "PD": (0, 100)}
+    ranges = physics.DISPLAY_WINDOWS
     rows = [
         [(f"{s} input (normalised)", images[c], "gray", (0, 1), "") for c, s in enumerate(physics.SERIES)],
         [(f"{m} map", np.where(mask, maps[c], 0), "magma" if m != "PD" else "viridis", ranges[m], u)

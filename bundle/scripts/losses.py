@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.utils import LossReduction
+from scripts.metrics import split_target_mask
 from torch.nn.modules.loss import _Loss
 
 #: The paper's weights for the T1, T2 and PD losses (MAPS order), chosen there to balance their magnitudes.
@@ -52,16 +53,14 @@ class MaskedWeightedMSELoss(_Loss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         n_channels = input.shape[1]
-        if target.shape[1] == n_channels + 1:
-            if mask is not None:
-                raise ValueError("the mask was given twice: as target's extra last channel and as `mask`.")
-            target, mask = target[:, :n_channels], target[:, n_channels:]
+        if mask is None:
+            target, mask = split_target_mask(input, target)  # the mask as target's extra last channel, or all ones
+        elif target.shape[1] == n_channels + 1:
+            raise ValueError("the mask was given twice: as target's extra last channel and as `mask`.")
         if target.shape != input.shape:
             raise ValueError(f"target shape {tuple(target.shape)} must equal input shape {tuple(input.shape)}.")
         if n_channels != self.weights.numel():
             raise ValueError(f"{self.weights.numel()} weights for {n_channels} channels.")
-        if mask is None:
-            mask = torch.ones_like(input[:, :1])
         if mask.shape[0] != input.shape[0] or mask.shape[1] not in (1, n_channels) or mask.shape[2:] != input.shape[2:]:
             raise ValueError(f"mask shape {tuple(mask.shape)} must be (B, 1 or C, *spatial) for {tuple(input.shape)}.")
 

@@ -22,6 +22,8 @@ PARAMETER_SCALE = (10000.0, 200.0, 4000.0)
 #: Network targets are the maps divided by these fixed constants: T1 ms, T2 ms, PD p.u.
 MAP_SCALE = (5000.0, 2500.0, 100.0)
 MAP_UNITS = ("ms", "ms", "p.u.")
+#: Display range of each map (its units) in every figure the bundle draws, so figures compare at a glance.
+DISPLAY_WINDOWS = {"T1": (0.0, 4500.0), "T2": (0.0, 300.0), "PD": (0.0, 100.0)}
 
 #: Training ranges (ms) of the sequence parameters per series: the model's declared validity domain.
 #: TI = 0 means no inversion (turbo spin echo).
