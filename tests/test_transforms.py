@@ -10,6 +10,7 @@ from scripts.transforms import (
     MaskedMaxNormalized,
     NormalizeParametersd,
     PhysicsRefined,
+    RandMaskJitterd,
     RandRicianNoiseSNRd,
     RandTissueValuesd,
     ResynthesisResiduald,
@@ -217,3 +218,24 @@ def test_physics_refinement_recovers_tissue_t1_from_a_perturbed_prior():
     assert out["refinement"]["gains_per_pu"] == pytest.approx([20.0, 15.0, 30.0], rel=0.05)
     off = PhysicsRefined(enabled=False)(data)
     assert off["refinement"] == {"enabled": False} and torch.equal(off["pred"], data["pred"])
+
+
+def test_mask_jitter_normalises_inside_a_grown_or_shrunk_mask_and_keeps_the_true_one():
+    mask = torch.zeros(1, 12, 12, 12)
+    mask[:, 3:9, 3:9, 3:9] = 1  # 216 voxels; one voxel of dilation (6-connected) gives 216 + 6*36 = 432
+    seen = []
+
+    def record(d):
+        seen.append(int(d["mask"].sum()))
+        return d
+
+    jitter = RandMaskJitterd(record, max_radius=1, prob=1.0)
+    sizes = set()
+    for seed in range(8):
+        jitter.set_random_state(seed)
+        out = jitter({"mask": mask, "x": torch.ones(1, 12, 12, 12)})
+        assert torch.equal(out["mask"], mask)  # the loss and targets keep the true mask
+        sizes.add(seen[-1])
+    assert sizes == {64, 432}  # eroded to 4^3 or dilated by one voxel, both directions drawn
+    RandMaskJitterd(record, prob=0.0)({"mask": mask})
+    assert seen[-1] == 216

@@ -65,6 +65,46 @@ class ClipPercentiled(MapTransform):
         return d
 
 
+class RandMaskJitterd(RandomizableTransform):
+    """Run a transform with the brain mask randomly grown or shrunk, then put the true mask back.
+
+    Inference normalises each series inside a mask it estimates (deepbet), which is never the training
+    mask: a mask a voxel larger or smaller moved the shipped model's WM T1 by up to 20 % on clinical-like
+    studies. Normalising training samples inside a jittered mask teaches the network that the statistics
+    of the mask's edge carry no information; the loss and the targets keep the true mask.
+
+    Args:
+        transform: the (dictionary) transform to run with the jittered mask, e.g. the normalisation.
+        mask_key: the brain mask's key.
+        max_radius: the mask is dilated (or eroded) by 1 to ``max_radius`` voxels, direction and radius uniform.
+        prob: probability of jittering; otherwise ``transform`` runs with the true mask.
+    """
+
+    def __init__(self, transform, mask_key: str = "mask", max_radius: int = 2, prob: float = 0.8) -> None:
+        RandomizableTransform.__init__(self, prob)
+        self.transform, self.mask_key, self.max_radius = transform, mask_key, int(max_radius)
+        self.radius = 0
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self.radius = int(self.R.randint(1, self.max_radius + 1)) * (1 if self.R.rand() < 0.5 else -1)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        from scipy import ndimage
+
+        self.randomize()
+        d = dict(data)
+        true_mask = d[self.mask_key]
+        if self._do_transform:
+            inside = convert_to_numpy(true_mask)[0] > 0
+            morph = ndimage.binary_dilation if self.radius > 0 else ndimage.binary_erosion
+            jittered = morph(inside, iterations=abs(self.radius)).astype(np.float32)[None]
+            d[self.mask_key] = convert_to_tensor(jittered, track_meta=False).to(true_mask)
+        d = dict(self.transform(d))
+        d[self.mask_key] = true_mask
+        return d
+
+
 class RandTissueValuesd(RandomizableTransform, MapTransform):
     """New T1/T2/PD maps of the same anatomy: tissue fractions re-mixed with freshly drawn tissue values.
 
