@@ -2,7 +2,8 @@
 
 Public API: :func:`read_study`, :func:`load_study`, :func:`classify` (with :func:`protocol_class`,
 :func:`description_hint`), :func:`select_series`, :class:`Series`,
-:class:`StudyError`; writing: :class:`Study`, :func:`write_classic_mr_series`, :func:`write_enhanced_mr_series`.
+:class:`StudyError`; synthetic inputs (sample study, tests): :class:`Study`, :func:`write_classic_mr_series`,
+:func:`write_enhanced_mr_series`; the real output: :func:`write_parametric_map`.
 Warnings go to the ``scripts.study`` logger.
 """
 
@@ -11,7 +12,7 @@ from .parametric_map import write_parametric_map
 from .reader import load_study, read_study
 from .select import classify, description_hint, identity_mismatches, protocol_class, select_series
 from .series import Series
-from .write import Study, write_classic_mr_series, write_enhanced_mr_series
+from .synthetic import Study, write_classic_mr_series, write_enhanced_mr_series
 
 __all__ = [
     "LOG",

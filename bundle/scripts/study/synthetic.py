@@ -1,4 +1,4 @@
-"""Write a volume with a known affine as a realistic MR DICOM series: classic (one file per slice) or Enhanced.
+"""Synthetic MR inputs: a volume with a known affine written as a realistic DICOM series, classic or Enhanced.
 
 Used for the sample study (weighted images, ground-truth maps) and for tests. Choices, scanner-like:
 
