@@ -1,7 +1,7 @@
 """Synthetic quantitative-MRI cohort: T1/T2/PD maps of distinct virtual subjects with labels and masks.
 
 The paper's MDME data are private and nothing may be downloaded at run time, so the bundle generates its
-own data (METHOD.md §3). Decisions taken here:
+own data (the model card, docs/README.md, Data). Decisions taken here:
 
 - Anatomy: the MNI152 (2009) GM/WM probability maps and brain mask shipped offline with nilearn; CSF is
   the rest of the brain mask. GM/WM are cut to the brain mask so the three tissues sum to it. The
@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 LABEL_NAMES = ("background", "CSF", "GM", "WM", "lesion", "skull", "scalp")
 BRAIN_LABELS = (1, 2, 3, 4)
-#: (low, high) of T1 (ms), T2 (ms), PD (p.u.) per label: 3 T literature ranges (METHOD.md §3).
+#: (low, high) of T1 (ms), T2 (ms), PD (p.u.) per label: 3 T literature ranges (the model card, Data).
 TISSUE_RANGES = {
     1: ((3300.0, 4800.0), (900.0, 2200.0), (95.0, 100.0)),
     2: ((1150.0, 1650.0), (85.0, 115.0), (78.0, 88.0)),
