@@ -17,6 +17,7 @@ import torch.distributed as dist
 from monai.bundle import ConfigWorkflow
 from monai.data import partition_dataset
 from scripts.inference import fail, flag
+from scripts.outputs import refuse_overlap
 from tqdm import tqdm
 
 LOG = logging.getLogger("scripts.batch")
@@ -81,10 +82,7 @@ class StudyBatch:
         self.studies = find_studies(studies_dir, studies_list)
         self.output = Path(output_dir).resolve()
         inputs = [p.resolve() for p in (*self.studies, *([Path(studies_dir)] if studies_dir else []))]
-        for source in inputs:
-            if self.output == source or self.output in source.parents or source in self.output.parents:
-                fail(f"the output folder {self.output} is, contains or lies inside the input {source}; "
-                     "choose an output folder outside the studies.")  # fmt: skip
+        refuse_overlap(self.output, inputs, "the studies")
         if (self.output / SUMMARY).exists() and not flag(overwrite, "--overwrite"):
             fail(f"{self.output / SUMMARY} exists; pass --overwrite true to replace it and earlier study outputs.")
         # every study's output folder is checked against all the studies, not only its own

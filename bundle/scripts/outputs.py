@@ -30,6 +30,14 @@ OUTPUT_ENTRIES = frozenset({"T1_map.nii.gz", "T2_map.nii.gz", "PD_map.nii.gz", "
 SOFTWARE_NAME = "pdpe-qmri"
 
 
+def refuse_overlap(output: Path, inputs: list, where: str) -> None:
+    """End the run if the output folder is, contains or lies inside one of ``inputs`` (``where`` names them)."""
+    for source in (Path(p).resolve() for p in inputs if p):
+        if output == source or output in source.parents or source in output.parents:
+            fail(f"the output folder {output} is, contains or lies inside the input {source}; "
+                 f"choose an output folder outside {where}.")  # fmt: skip
+
+
 class OutputFolder:
     """Outputs go to a hidden staging folder beside ``path`` and move into place only when complete.
 
@@ -51,10 +59,7 @@ class OutputFolder:
             fail("no output folder given: pass --output_dir <folder>.")
         self.path = Path(path).resolve()
         self.warnings: list[str] = []
-        for source in (Path(p).resolve() for p in inputs or [] if p):
-            if self.path == source or self.path in source.parents or source in self.path.parents:
-                fail(f"the output folder {self.path} is, contains or lies inside the input {source}; "
-                     "choose an output folder outside the study.")  # fmt: skip
+        refuse_overlap(self.path, inputs or [], "the study")
         if self.path.exists() and not self.path.is_dir():
             fail(f"{self.path} exists and is not a folder.")
         if self.path.is_dir() and any(self.path.iterdir()):

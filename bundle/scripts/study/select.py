@@ -226,13 +226,11 @@ def _check_coverage(chosen: dict[str, Series]) -> None:
     for name, series in chosen.items():
         if not series.unreadable_nearby:
             continue
-        normal = np.cross(series.affine[:3, 0], series.affine[:3, 1])
-        normal /= np.linalg.norm(normal)
+        normal = _slice_normal(series)
         first, last, step = _extent(series, normal)
         beyond = []
         for other_name, other in chosen.items():
-            other_normal = np.cross(other.affine[:3, 0], other.affine[:3, 1])
-            if other is series or abs(other_normal @ normal) < _PARALLEL * np.linalg.norm(other_normal):
+            if other is series or abs(_slice_normal(other) @ normal) < _PARALLEL:
                 continue
             other_first, other_last, other_step = _extent(other, normal)
             if abs(other_step - step) > 0.01 * step:
@@ -253,6 +251,12 @@ def _check_coverage(chosen: dict[str, Series]) -> None:
             )
         LOG.warning(f"{what}; no series of the same slice orientation and step reaches beyond it, so no end slice "
                     "seems missing.")  # fmt: skip
+
+
+def _slice_normal(series: Series) -> np.ndarray:
+    """Unit normal of the series' slices (mm space)."""
+    normal = np.cross(series.affine[:3, 0], series.affine[:3, 1])
+    return normal / np.linalg.norm(normal)
 
 
 def _extent(series: Series, normal: np.ndarray) -> tuple[float, float, float]:
