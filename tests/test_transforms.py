@@ -12,6 +12,7 @@ from scripts.transforms import (
     PhysicsRefined,
     RandMaskJitterd,
     RandRicianNoiseSNRd,
+    RandSliceProfiled,
     RandTissueValuesd,
     ResynthesisResiduald,
     ScaleMapsd,
@@ -239,3 +240,38 @@ def test_mask_jitter_normalises_inside_a_grown_or_shrunk_mask_and_keeps_the_true
     assert sizes == {64, 432}  # eroded to 4^3 or dilated by one voxel, both directions drawn
     RandMaskJitterd(record, prob=0.0)({"mask": mask})
     assert seen[-1] == 216
+
+
+def test_slice_profile_box_weights():
+    assert RandSliceProfiled.profile(0.7).tolist() == [1.0]
+    assert np.allclose(RandSliceProfiled.profile(5 / 3), [0.2, 0.6, 0.2])  # 5 mm slice over 3 mm voxels
+    assert np.allclose(RandSliceProfiled.profile(3.0), [1 / 3] * 3)
+
+
+def test_thick_slices_mix_signals_and_water_weighted_rates():
+    """A 6 mm slice over a WM/CSF boundary of 3 mm voxels: the image is the mean of the two tissues'
+    signals (not the signal of the mixed maps), the maps mix as water-weighted rates."""
+    wm, csf = (800.0, 80.0, 70.0), (4000.0, 2000.0, 100.0)
+    affine = torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0]))
+    maps = np.zeros((3, 1, 1, 1, 6), np.float32)
+    for c in range(3):
+        maps[c, ..., 1:3], maps[c, ..., 3:5] = wm[c], csf[c]
+    d = {k: MetaTensor(torch.from_numpy(maps[c]), affine=affine) for c, k in enumerate(physics.MAPS)}
+    tr, te = 2500.0, 90.0
+    d["T2w"] = MetaTensor(physics.signal(d["PD"], d["T1"], d["T2"], tr, te), affine=affine)
+    t = RandSliceProfiled("T2w", thickness_range=(6.0, 6.0), prob=1.0)
+    out = t(d)
+    s_wm, s_csf = (physics.signal(v[2], v[0], v[1], tr, te) for v in (wm, csf))
+    # voxel 2 sees half of voxel 1 (WM), all of 2 (WM), half of 3 (CSF): weights 1/4, 1/2, 1/4
+    assert out["T2w"][0, 0, 0, 2].item() == pytest.approx(0.75 * s_wm + 0.25 * s_csf, rel=1e-5)
+    water = 0.75 * wm[2] + 0.25 * csf[2]
+    assert out["PD"][0, 0, 0, 2].item() == pytest.approx(water, rel=1e-5)
+    for c, name in enumerate(("T1", "T2")):
+        rate = 0.75 * wm[2] / wm[c] + 0.25 * csf[2] / csf[c]
+        assert out[name][0, 0, 0, 2].item() == pytest.approx(water / rate, rel=1e-5)
+    mixed_maps_signal = physics.signal(water, out["T1"][0, 0, 0, 2].item(), out["T2"][0, 0, 0, 2].item(), tr, te)
+    assert abs(mixed_maps_signal / out["T2w"][0, 0, 0, 2].item() - 1) > 0.05  # the point of the transform
+    assert out["T1"][0, 0, 0, 0].item() == 0.0 and out["T1"][0, 0, 0, 5].item() == 0.0  # background stays 0
+    assert out["T2w"][0, 0, 0, 0].item() == pytest.approx(0.25 * s_wm, rel=1e-5)  # signal spills into it
+    unchanged = RandSliceProfiled("T2w", thickness_range=(2.0, 2.9), prob=1.0)(d)
+    assert torch.equal(torch.as_tensor(unchanged["T1"]), torch.as_tensor(d["T1"]))

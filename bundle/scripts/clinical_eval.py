@@ -373,7 +373,7 @@ def main(argv=None) -> None:
     text = RESULTS.format(
         command=command, hardware=_hardware(), minutes=minutes,
         studies=", ".join(f"{s} ({FAMILY[s]})" for s in FAMILY),
-        methods="\n".join(f"- *{name}*: `{Path(ckpt).name}` ({Path(ckpt).parent.name}), training configs "
+        methods="\n".join(f"- *{name}*: `{os.path.relpath(ckpt)}`, training configs "
                           f"train.json{' + ' + overlay if overlay else ''}, physics refinement "
                           f"{'on' if refine else 'off'}" for name, (ckpt, overlay, refine) in models.items()),
         in_range="\n".join(accuracy_table(rows, in_range, methods)),
