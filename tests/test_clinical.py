@@ -81,3 +81,22 @@ def test_verdict_names_met_and_missed_targets():
     lines = clinical_eval.verdict(rows, "m", {"a"}, set())
     assert "bias +1.0 % (target ±3 %: met)" in lines[0] and "bias -4.0 % (target ±3 %: not met)" in lines[1]
     assert "PSNR 31.0 dB (target 30 dB: met)" in lines[2]
+
+
+def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
+    """Candidates ranked on validation studies by mean(|WM|, |GM| bias) + MPE: 2 % high everywhere scores 4."""
+    from scripts import select_model
+
+    acquire_study(tmp_path / "studies", {"val-philips": PROTOCOLS["philips"]}, seed=1, fine_voxel=4.0)
+    monkeypatch.setattr(select_model, "VALIDATION_STUDIES", (("val-philips", "philips", 1),))
+    factor = {"a.pt": 1.10, "b.pt": 1.02}
+
+    def fake_network_maps(name, checkpoint, overlay, refine, study, out):
+        return clinical_eval._truth(study)[0] * factor[name], {}
+
+    monkeypatch.setattr(select_model, "network_maps", fake_network_maps)
+    monkeypatch.chdir(tmp_path)
+    rows = select_model.rank(["a.pt", "b.pt"], tmp_path)
+    assert [r["checkpoint"] for r in rows] == ["b.pt", "a.pt"]
+    assert rows[0]["error"] == pytest.approx(4.0, abs=1e-3) and rows[1]["error"] == pytest.approx(20.0, abs=1e-3)
+    assert rows[1]["T1_WM_bias"] == pytest.approx(10.0, abs=1e-3) and rows[1]["PD_mpe"] == pytest.approx(10.0, abs=1e-3)

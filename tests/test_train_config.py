@@ -93,6 +93,10 @@ def test_train_one_epoch_then_resume(tiny_cohort, tmp_path):
     assert [r["epoch"] for r in rows] == ["1", "2"]  # epoch 1 was not trained again
     assert float(rows[1]["seconds"]) > float(rows[0]["seconds"])  # the clock goes on across the resume
     assert all(np.isfinite(float(r["val_mpe_sum"])) and float(r["val_mpe_sum"]) > 0 for r in rows)
+    # every validated network is kept for model selection on clinical-like studies (scripts/select_model.py)
+    snapshots = tmp_path / "runs" / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["model_epoch=1.pt", "model_epoch=2.pt"]
+    assert set(torch.load(snapshots / "model_epoch=2.pt", weights_only=True)) == set(best)
 
 
 def test_own_maps_without_fractions_train_as_they_are(tiny_cohort, tmp_path):

@@ -26,7 +26,8 @@ Protocols (ms, ``PROTOCOLS``): the paper's external Philips set (T1w TR 229.69 /
 FLAIR 7000 / 120 / TI 2250), a Siemens-like and a GE-like 3 T protocol, and one outside the training ranges
 in every series. ``INVARIANCE_PROTOCOLS`` are five in-range protocols for one head.
 
-Nothing here is ever used for training or model selection. Run from the repository root:
+The evaluation studies are never used for training or model selection; ``VALIDATION_STUDIES`` (other
+heads, ``--validation``) are there for choosing among checkpoints. Run from the repository root:
 ``python bundle/scripts/clinical_studies.py --out bundle/eval/clinical/studies`` (or let
 ``scripts/clinical_eval.py`` write them).
 """
@@ -113,6 +114,13 @@ EVALUATION_STUDIES = (
     ("out_of_range-2", "out_of_range", 106),
 )
 INVARIANCE_SEED = 201
+#: Studies for choosing among checkpoints (``scripts/select_model.py``), never for the evaluation: other heads
+#: (seeds) under the in-range protocols, so that model selection does not look at the evaluation's truth.
+VALIDATION_STUDIES = (
+    ("val-philips", "philips", 301),
+    ("val-siemens", "siemens", 302),
+    ("val-ge", "ge", 303),
+)
 
 _MATRIX = {"T1w": (256, 320), "T2w": (320, 384), "FLAIR": (224, 256)}
 _DESCRIPTIONS = {"T1w": "T1W_TSE_TRA", "T2w": "T2W_TSE_TRA", "FLAIR": "T2W_FLAIR_TRA"}
@@ -262,13 +270,20 @@ def _write_truth(folder: Path, subject: dict, grid: dict) -> None:
     write_subject(truth, folder)
 
 
+def write_studies(
+    out_dir: str | os.PathLike, studies=EVALUATION_STUDIES, fine_voxel: float = 1.0, overwrite: bool = False
+) -> list[Path]:
+    """One head per (study id, protocol, seed) of ``studies`` into ``out_dir/<study id>``; returns the folders."""
+    return [
+        acquire_study(Path(out_dir), {study_id: PROTOCOLS[protocol]}, seed, fine_voxel, overwrite)[0]
+        for study_id, protocol, seed in tqdm(studies, desc="clinical-like studies", unit="study")
+    ]
+
+
 def write_evaluation_studies(out_dir: str | os.PathLike, fine_voxel: float = 1.0, overwrite: bool = False) -> dict:
     """All of ``EVALUATION_STUDIES`` and the invariance head; returns {"studies": [...], "invariance": [...]}."""
     out = Path(out_dir)
-    studies = [
-        acquire_study(out, {study_id: PROTOCOLS[protocol]}, seed, fine_voxel, overwrite)[0]
-        for study_id, protocol, seed in tqdm(EVALUATION_STUDIES, desc="clinical-like studies", unit="study")
-    ]
+    studies = write_studies(out, EVALUATION_STUDIES, fine_voxel, overwrite)
     invariance = acquire_study(out / "invariance", INVARIANCE_PROTOCOLS, INVARIANCE_SEED, fine_voxel, overwrite)
     return {"studies": studies, "invariance": invariance}
 
@@ -277,10 +292,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for the studies")
     parser.add_argument("--fine-voxel", type=float, default=1.0, help="mm of the anatomy grid (coarser: faster)")
+    parser.add_argument("--validation", action="store_true", help="the model-selection studies instead")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    written = write_evaluation_studies(args.out, args.fine_voxel, args.overwrite)
-    print("\n".join(str(p) for p in [*written["studies"], *written["invariance"]]))
+    if args.validation:
+        written = write_studies(args.out, VALIDATION_STUDIES, args.fine_voxel, args.overwrite)
+    else:
+        found = write_evaluation_studies(args.out, args.fine_voxel, args.overwrite)
+        written = [*found["studies"], *found["invariance"]]
+    print("\n".join(str(p) for p in written))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""Choose among checkpoints on clinical-like validation studies, scored the way the evaluation scores maps.
+
+A lower validation error on phantom volumes did not mean better maps of clinical-like acquisitions (the
+model card's training history shows it twice), so the checkpoint to ship is chosen here. Each candidate
+maps the validation studies (``clinical_studies.VALIDATION_STUDIES``: other heads than the evaluation's,
+under the in-range protocols; written on first use) with the literal inference command, and is ranked by
+
+    error = mean over T1, T2, PD and the studies of ( (|WM bias| + |GM bias|) / 2 + MPE in WM+GM )   (%)
+
+the two figures the accuracy targets are stated in. Prints the ranking, writes ``selection.csv`` to
+``--work``. The evaluation studies are never looked at, so ``scripts/clinical_eval.py`` stays a test.
+
+From the repository root, e.g. for the networks a training run kept (``<output_dir>/snapshots``)::
+
+    python bundle/scripts/select_model.py bundle/runs/<run>/snapshots/*.pt bundle/models/model.pt
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a file: import the bundle's ``scripts`` package instead of this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+from scripts import physics  # noqa: E402
+from scripts.clinical_eval import BUNDLE, _truth, network_maps, score  # noqa: E402
+from scripts.clinical_studies import VALIDATION_STUDIES, write_studies  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+
+def selection_error(figures: dict[str, dict[str, float]]) -> float:
+    """The ranking figure of one study's scores (``clinical_eval.score``): mean of ROI |bias| and MPE, %."""
+    return float(np.mean([(abs(f["WM_bias"]) + abs(f["GM_bias"])) / 2 + f["mpe"] for f in figures.values()]))
+
+
+def rank(candidates: list[str], work: Path, overlay: str | None = None, refine: bool = True) -> list[dict]:
+    """Score every candidate on every validation study; rows sorted by ``error`` (best first)."""
+    studies = [work / "studies" / study_id for study_id, _, _ in VALIDATION_STUDIES]
+    if not all((s / "truth").is_dir() for s in studies):
+        write_studies(work / "studies", VALIDATION_STUDIES)
+    truths = {s.name: _truth(s) for s in studies}
+    rows = []
+    for candidate in tqdm(candidates, desc="candidates", unit="checkpoint"):
+        name = os.path.relpath(candidate)
+        per_study = []
+        for study in studies:
+            out = work / "maps" / name.replace(os.sep, "_") / study.name
+            maps, _ = network_maps(name, str(Path(candidate).resolve()), overlay, refine, study, out)
+            per_study.append(score(maps, *truths[study.name]))
+        row = {"checkpoint": name, "error": np.mean([selection_error(f) for f in per_study])}
+        for m in physics.MAPS:
+            for key in ("WM_bias", "GM_bias", "mpe"):
+                row[f"{m}_{key}"] = float(np.mean([f[m][key] for f in per_study]))
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["error"])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("candidates", nargs="+", help="network state dicts (model.pt files)")
+    parser.add_argument("--work", type=Path, default=BUNDLE / "eval" / "validation", help="studies and maps")
+    parser.add_argument("--overlay", help="training-config overlay of the candidates, e.g. train_unet.json")
+    parser.add_argument("--refine", choices=("true", "false"), default="true", help="physics refinement")
+    args = parser.parse_args(argv)
+    rows = rank(args.candidates, args.work, args.overlay, args.refine == "true")
+    args.work.mkdir(parents=True, exist_ok=True)
+    with (args.work / "selection.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print("| checkpoint | error % | " + " | ".join(f"{m} WM / GM bias %, MPE %" for m in physics.MAPS) + " |")
+    print("|---|---|" + "---|" * len(physics.MAPS))
+    for r in rows:
+        cells = [f"{r[f'{m}_WM_bias']:+.1f} / {r[f'{m}_GM_bias']:+.1f}, {r[f'{m}_mpe']:.1f}" for m in physics.MAPS]
+        print(f"| {r['checkpoint']} | {r['error']:.2f} | " + " | ".join(cells) + " |")
+    print(f"best: {rows[0]['checkpoint']}")
+
+
+if __name__ == "__main__":
+    main()
