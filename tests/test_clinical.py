@@ -100,3 +100,16 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     assert [r["checkpoint"] for r in rows] == ["b.pt", "a.pt"]
     assert rows[0]["error"] == pytest.approx(4.0, abs=1e-3) and rows[1]["error"] == pytest.approx(20.0, abs=1e-3)
     assert rows[1]["T1_WM_bias"] == pytest.approx(10.0, abs=1e-3) and rows[1]["PD_mpe"] == pytest.approx(10.0, abs=1e-3)
+
+
+def test_other_gains_explain_the_images_exactly_with_other_maps(study):
+    """The gain ambiguity: 10 % on the T2w gain leaves no residual but moves WM T1; a common factor is PD only."""
+    from scripts import gain_ambiguity
+
+    rows = gain_ambiguity.explanations(study, factors=((1, 1, 1), (1, 1.1, 1), (1.1, 1.1, 1.1)), voxels=3000)
+    assert all(r["residual_pct"] < 0.05 for r in rows)
+    assert abs(rows[0]["T1_WM_bias"]) < 0.1 and abs(rows[0]["PD_GM_bias"]) < 0.1
+    assert rows[1]["T1_WM_bias"] < -10  # the images cannot tell this head from one with a much shorter WM T1
+    assert rows[2]["PD_WM_bias"] == pytest.approx(100 * (1 / 1.1 - 1), abs=0.05) and abs(rows[2]["T1_WM_bias"]) < 0.1
+    span = gain_ambiguity.plausible_range(study, ratios=np.linspace(0.8, 1.2, 5), voxels=3000)
+    assert 1 <= span["plausible"] < 25 and span["T1_WM"][1] - span["T1_WM"][0] > 3  # several, not all
