@@ -117,9 +117,12 @@ INVARIANCE_SEED = 201
 #: Studies for choosing among checkpoints (``scripts/select_model.py``), never for the evaluation: other heads
 #: (seeds) under the in-range protocols, so that model selection does not look at the evaluation's truth.
 VALIDATION_STUDIES = (
-    ("val-philips", "philips", 301),
-    ("val-siemens", "siemens", 302),
-    ("val-ge", "ge", 303),
+    ("val-philips-1", "philips", 301),
+    ("val-siemens-1", "siemens", 302),
+    ("val-ge-1", "ge", 303),
+    ("val-philips-2", "philips", 304),
+    ("val-siemens-2", "siemens", 305),
+    ("val-ge-2", "ge", 306),
 )
 
 _MATRIX = {"T1w": (256, 320), "T2w": (320, 384), "FLAIR": (224, 256)}
@@ -273,11 +276,15 @@ def _write_truth(folder: Path, subject: dict, grid: dict) -> None:
 def write_studies(
     out_dir: str | os.PathLike, studies=EVALUATION_STUDIES, fine_voxel: float = 1.0, overwrite: bool = False
 ) -> list[Path]:
-    """One head per (study id, protocol, seed) of ``studies`` into ``out_dir/<study id>``; returns the folders."""
-    return [
-        acquire_study(Path(out_dir), {study_id: PROTOCOLS[protocol]}, seed, fine_voxel, overwrite)[0]
-        for study_id, protocol, seed in tqdm(studies, desc="clinical-like studies", unit="study")
-    ]
+    """One head per (study id, protocol, seed) of ``studies`` into ``out_dir/<study id>``; returns the folders.
+
+    Studies already there (with their ``truth/``) are kept unless ``overwrite``.
+    """
+    out = Path(out_dir)
+    for study_id, protocol, seed in tqdm(studies, desc="clinical-like studies", unit="study"):
+        if overwrite or not (out / study_id / "truth").is_dir():
+            acquire_study(out, {study_id: PROTOCOLS[protocol]}, seed, fine_voxel, overwrite)
+    return [out / study_id for study_id, _, _ in studies]
 
 
 def write_evaluation_studies(out_dir: str | os.PathLike, fine_voxel: float = 1.0, overwrite: bool = False) -> dict:

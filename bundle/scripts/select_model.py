@@ -41,9 +41,7 @@ def selection_error(figures: dict[str, dict[str, float]]) -> float:
 
 def rank(candidates: list[str], work: Path, overlay: str | None = None, refine: bool = True) -> list[dict]:
     """Score every candidate on every validation study; rows sorted by ``error`` (best first)."""
-    studies = [work / "studies" / study_id for study_id, _, _ in VALIDATION_STUDIES]
-    if not all((s / "truth").is_dir() for s in studies):
-        write_studies(work / "studies", VALIDATION_STUDIES)
+    studies = write_studies(work / "studies", VALIDATION_STUDIES)  # only those not there yet
     truths = {s.name: _truth(s) for s in studies}
     rows = []
     for candidate in tqdm(candidates, desc="candidates", unit="checkpoint"):
