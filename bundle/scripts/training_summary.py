@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shlex
 from pathlib import Path
 
 MAPS = ("T1", "T2", "PD")
@@ -69,10 +70,11 @@ def main(argv=None) -> None:
     histories = [read_history(run) for run in args.runs]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table = "\n".join(summary_rows(names, histories))
+    command = shlex.join(["python", "bundle/scripts/training_summary.py", *map(str, args.runs), "--names", *names,
+                          "--out", str(args.out)])  # fmt: skip
     args.out.with_suffix(".md").write_text(
         "Validation MPE and PSNR in the brain mask (best epoch: lowest MPE sum, the checkpoint's key metric), from "
-        f"`python bundle/scripts/training_summary.py {' '.join(map(str, args.runs))} --names {' '.join(names)} "
-        f"--out {args.out}`:\n\n{table}\n\n![learning curves]({args.out.name}.png)\n"
+        f"`{command}`:\n\n{table}\n\n![learning curves]({args.out.name}.png)\n"
     )
     plot(names, histories, args.out.with_suffix(".png"))
     print(table)
