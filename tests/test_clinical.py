@@ -89,10 +89,10 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
 
     acquire_study(tmp_path / "studies", {"val-philips": PROTOCOLS["philips"]}, seed=1, fine_voxel=4.0)
     monkeypatch.setattr(select_model, "VALIDATION_STUDIES", (("val-philips", "philips", 1),))
-    factor = {"a.pt": 1.10, "b.pt": 1.02}
+    factor = {("a.pt", None): 1.10, ("b.pt", None): 1.02, ("a.pt", (0.1, 0.3, 0.03)): 0.99}
 
-    def fake_network_maps(name, checkpoint, overlay, refine, study, out):
-        return clinical_eval._truth(study)[0] * factor[name], {}
+    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None):
+        return clinical_eval._truth(study)[0] * factor[name, prior_width], {}
 
     monkeypatch.setattr(select_model, "network_maps", fake_network_maps)
     monkeypatch.chdir(tmp_path)
@@ -100,6 +100,9 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     assert [r["checkpoint"] for r in rows] == ["b.pt", "a.pt"]
     assert rows[0]["error"] == pytest.approx(4.0, abs=1e-3) and rows[1]["error"] == pytest.approx(20.0, abs=1e-3)
     assert rows[1]["T1_WM_bias"] == pytest.approx(10.0, abs=1e-3) and rows[1]["PD_mpe"] == pytest.approx(10.0, abs=1e-3)
+    # refinement prior widths are candidates too: one row per checkpoint and width
+    rows = select_model.rank(["a.pt"], tmp_path, prior_widths=(None, (0.1, 0.3, 0.03)))
+    assert [r["prior_width"] for r in rows] == ["0.1,0.3,0.03", "bundle's"] and rows[0]["error"] == pytest.approx(2.0)
 
 
 def test_other_gains_explain_the_images_exactly_with_other_maps(study):

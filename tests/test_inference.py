@@ -211,6 +211,8 @@ def test_refinement_moves_the_maps_towards_the_images(sample, model, tmp_path):
     """From constant maps (T2 500 ms everywhere), refinement against the images gives tissue-like contrast."""
     report = _infer(sample["dicom"], tmp_path / "maps", model, refine="true", mask=str(sample["truth"] / "mask.nii.gz"))
     assert report["physics_refinement"]["enabled"] and len(report["physics_refinement"]["gains_per_pu"]) == 3
+    bundle_widths = json.loads((CONFIGS / "inference.json").read_text())["refine_prior_width"]
+    assert report["physics_refinement"]["prior_width_log"] == bundle_widths
     labels = nib.load(sample["truth"] / "labels.nii.gz").get_fdata()
     t1 = nib.load(tmp_path / "maps" / "T1_map.nii.gz").get_fdata()
     assert np.median(t1[labels == 2]) > 1.1 * np.median(t1[labels == 3])  # GM T1 above WM T1 again

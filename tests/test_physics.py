@@ -23,6 +23,16 @@ def test_flair_closed_form_and_tse_limit():
     assert physics.signal(np.float64(pd), t1, t2, tr, te, 0.0) == pytest.approx(tse, rel=1e-12)
 
 
+def test_least_squares_gains_recover_each_series_scale_in_numpy_and_torch():
+    synth = np.array([[1.0, 2.0, 3.0], [4.0, 0.0, 1.0], [0.5, 0.5, 2.0]])
+    images = np.array([2.5, 0.1, 40.0])[:, None] * synth
+    images[1, 2] = 3.0  # one voxel off: the gain is then (4 * 0.4 + 1 * 3) / (16 + 1), not 0.1
+    expected = [2.5, (4 * 0.4 + 1 * 3.0) / 17, 40.0]
+    assert physics.least_squares_gains(synth, images) == pytest.approx(expected, rel=1e-12)
+    torch_gains = physics.least_squares_gains(torch.from_numpy(synth), torch.from_numpy(images))
+    assert torch_gains.numpy() == pytest.approx(expected, rel=1e-12)
+
+
 @pytest.mark.parametrize("t1", [900.0, 3500.0, 4500.0])
 def test_flair_nulls_tissue_at_t1_ln2_with_long_tr(t1):
     ti = physics.null_inversion_time(t1)

@@ -77,6 +77,15 @@ def synthesize(maps, protocol):
     return stack([signal(pd, t1, t2, *(float(v) for v in row)) for row in protocol])
 
 
+def least_squares_gains(synth, images):
+    """Per series, the receiver gain ``g`` that fits ``g * synth`` best to ``images`` (both (3, N) voxels): (3,).
+
+    A weighted image is known only up to its gain, so a re-synthesis is compared after this fit."""
+    if _backend(synth) is torch:
+        return (synth * images).sum(dim=1) / (synth * synth).sum(dim=1).clamp(min=torch.finfo(synth.dtype).tiny)
+    return (synth * images).sum(axis=1) / np.maximum((synth * synth).sum(axis=1), np.finfo(synth.dtype).tiny)
+
+
 def null_inversion_time(t1, tr=None):
     """Inversion time (ms) that nulls a tissue of the given T1 (ms); ``T1 ln 2`` when TR >> T1."""
     xp = _backend(t1)

@@ -13,6 +13,11 @@ the two figures the accuracy targets are stated in. Prints the ranking, writes `
 From the repository root, e.g. for the networks a training run kept (``<output_dir>/snapshots``)::
 
     python bundle/scripts/select_model.py bundle/runs/<run>/snapshots/*.pt bundle/models/model.pt
+
+The physics refinement's prior widths (``refine_prior_width`` in ``inference.json``: how far each of the
+network's maps may be off) are chosen the same way: each ``--prior-width`` is one candidate per checkpoint::
+
+    python bundle/scripts/select_model.py bundle/models/model.pt --prior-width 1,1,1 --prior-width 0.1,0.3,0.03
 """
 
 from __future__ import annotations
@@ -39,24 +44,38 @@ def selection_error(figures: dict[str, dict[str, float]]) -> float:
     return float(np.mean([(abs(f["WM_bias"]) + abs(f["GM_bias"])) / 2 + f["mpe"] for f in figures.values()]))
 
 
-def rank(candidates: list[str], work: Path, overlay: str | None = None, refine: bool = True) -> list[dict]:
-    """Score every candidate on every validation study; rows sorted by ``error`` (best first)."""
+def rank(
+    candidates: list[str], work: Path, overlay: str | None = None, refine: bool = True, prior_widths=(None,)
+) -> list[dict]:
+    """Score every candidate (checkpoint x refinement prior width; None: the bundle's) on every validation study.
+
+    Rows sorted by ``error`` (best first)."""
     studies = write_studies(work / "studies", VALIDATION_STUDIES)  # only those not there yet
     truths = {s.name: _truth(s) for s in studies}
     rows = []
-    for candidate in tqdm(candidates, desc="candidates", unit="checkpoint"):
+    pairs = [(c, w) for c in candidates for w in prior_widths]
+    for candidate, width in tqdm(pairs, desc="candidates", unit="candidate"):
         name = os.path.relpath(candidate)
+        folder = name.replace(os.sep, "_") + ("" if width is None else "_w" + "_".join(f"{w:g}" for w in width))
         per_study = []
         for study in studies:
-            out = work / "maps" / name.replace(os.sep, "_") / study.name
-            maps, _ = network_maps(name, str(Path(candidate).resolve()), overlay, refine, study, out)
+            out = work / "maps" / folder / study.name
+            maps, _ = network_maps(name, str(Path(candidate).resolve()), overlay, refine, study, out, width)
             per_study.append(score(maps, *truths[study.name]))
-        row = {"checkpoint": name, "error": np.mean([selection_error(f) for f in per_study])}
+        row = {"checkpoint": name, "prior_width": "bundle's" if width is None else ",".join(f"{w:g}" for w in width),
+               "error": np.mean([selection_error(f) for f in per_study])}  # fmt: skip
         for m in physics.MAPS:
             for key in ("WM_bias", "GM_bias", "mpe"):
                 row[f"{m}_{key}"] = float(np.mean([f[m][key] for f in per_study]))
         rows.append(row)
     return sorted(rows, key=lambda r: r["error"])
+
+
+def _widths(text: str) -> tuple[float, float, float]:
+    widths = tuple(float(w) for w in text.split(","))
+    if len(widths) != 3 or min(widths) <= 0:
+        raise argparse.ArgumentTypeError(f"three positive widths T1,T2,PD expected, got {text!r}")
+    return widths
 
 
 def main(argv=None) -> None:
@@ -65,19 +84,22 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=BUNDLE / "eval" / "validation", help="studies and maps")
     parser.add_argument("--overlay", help="training-config overlay of the candidates, e.g. train_unet.json")
     parser.add_argument("--refine", choices=("true", "false"), default="true", help="physics refinement")
+    parser.add_argument("--prior-width", action="append", type=_widths, metavar="T1,T2,PD",
+                        help="refinement prior widths (log units), repeatable (default: the bundle's)")  # fmt: skip
     args = parser.parse_args(argv)
-    rows = rank(args.candidates, args.work, args.overlay, args.refine == "true")
+    rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", args.prior_width or (None,))
     args.work.mkdir(parents=True, exist_ok=True)
     with (args.work / "selection.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print("| checkpoint | error % | " + " | ".join(f"{m} WM / GM bias %, MPE %" for m in physics.MAPS) + " |")
-    print("|---|---|" + "---|" * len(physics.MAPS))
+    maps = " | ".join(f"{m} WM / GM bias %, MPE %" for m in physics.MAPS)
+    print(f"| checkpoint | prior width | error % | {maps} |")
+    print("|---|---|---|" + "---|" * len(physics.MAPS))
     for r in rows:
         cells = [f"{r[f'{m}_WM_bias']:+.1f} / {r[f'{m}_GM_bias']:+.1f}, {r[f'{m}_mpe']:.1f}" for m in physics.MAPS]
-        print(f"| {r['checkpoint']} | {r['error']:.2f} | " + " | ".join(cells) + " |")
-    print(f"best: {rows[0]['checkpoint']}")
+        print(f"| {r['checkpoint']} | {r['prior_width']} | {r['error']:.2f} | " + " | ".join(cells) + " |")
+    print(f"best: {rows[0]['checkpoint']}, prior width {rows[0]['prior_width']}")
 
 
 if __name__ == "__main__":

@@ -440,8 +440,7 @@ class ResynthesisResiduald(MapTransform):
         protocol = physics.normalize_parameters(torch.as_tensor(d[self.params_key]), inverse=True).reshape(3, 3)
         synth = physics.synthesize(maps, protocol)
         image, inside = d[self.image_key], _in_mask(d[self.mask_key])
-        s, x = torch.as_tensor(synth)[:, inside], torch.as_tensor(image)[:, inside]
-        gain = (s * x).sum(dim=1) / (s * s).sum(dim=1).clamp(min=torch.finfo(s.dtype).tiny)
+        gain = physics.least_squares_gains(torch.as_tensor(synth)[:, inside], torch.as_tensor(image)[:, inside])
         d[self.residual_key] = synth * gain.reshape(-1, *[1] * (synth.ndim - 1)) - image
         return d
 
@@ -463,7 +462,9 @@ class PhysicsRefined(MapTransform):
         params_key: the protocol as the network saw it (``physics.PARAMETER_SCALE``).
         mask_key: voxels to refine (the brain mask).
         info_key: where a summary for the report goes (gains, noise, median change per map).
-        prior_width: (3,) prior standard deviations of log T1, log T2, log PD.
+        prior_width: (3,) prior standard deviations of log T1, log T2, log PD: how far the network's maps may be
+            off (0.1 = 10 %). The bundle sets them in ``inference.json`` (``refine_prior_width``), chosen on
+            clinical-like validation heads with ``scripts/select_model.py``; 1.0 lets the images decide.
         tissue_t1_ms: voxels whose network T1 is below this set the gains and noise (not CSF).
         iterations: Levenberg-Marquardt iterations from the prior.
         enabled: False passes the network's maps through unchanged (``info_key`` says so).
@@ -515,13 +516,25 @@ class PhysicsRefined(MapTransform):
         out[:, torch.from_numpy(inside)] = torch.as_tensor(refined, dtype=out.dtype)
         d[key] = out
         change = np.median(np.abs(refined[:, tissue] / prior[:, tissue] - 1), axis=1)
+        residual = {name: _residual_pct(m, images, params) for name, m in (("network", prior), ("refined", refined))}
         d[self.info_key] = {
             "enabled": True,
             "gains_per_pu": gains.round(6).tolist(),
+            "prior_width_log": list(self.prior_width),
             "noise_pu": noise.round(6).tolist(),
             "median_change_in_tissue_pct": dict(zip(physics.MAPS, (100 * change).round(2).tolist(), strict=True)),
+            "residual_pct": residual,
         }
         return d
+
+
+def _residual_pct(maps: np.ndarray, images: np.ndarray, params: np.ndarray) -> dict[str, float]:
+    """Per series: mean |re-synthesis - image| over the voxels, % of the mean image (the physics QA's figure),
+    each re-synthesis scaled by its least-squares gain; here on the T1w grid, where the refinement fits."""
+    synth = physics.synthesize(maps, params)
+    fitted = physics.least_squares_gains(synth, images)[:, None] * synth
+    relative = np.abs(fitted - images).mean(axis=1) / np.maximum(images.mean(axis=1), 1e-12)
+    return dict(zip(physics.SERIES, (100 * relative).round(2).tolist(), strict=True))
 
 
 def _noise_sigma(image: np.ndarray, inside: np.ndarray) -> float:
