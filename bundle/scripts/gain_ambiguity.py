@@ -58,9 +58,8 @@ def _sample(study: Path, voxels: int, seed: int):
     return truth.reshape(3, -1)[:, index].astype(np.float64), labels[index], params
 
 
-def _explain(true_maps, tissue, params, factor) -> tuple[np.ndarray, float]:
-    """Maps fitted to the truth's noise-free images with the true gains times ``factor``; worst residual (%)."""
-    images = physics.synthesize(true_maps, params)  # gains 1: the factors are relative to the truth's
+def _explain(images, params, factor) -> tuple[np.ndarray, float]:
+    """Maps fitted to the truth's noise-free ``images`` (gains 1) with gains ``factor``; worst residual (%)."""
     gains = np.asarray(factor, dtype=np.float64)
     fitted = physics.fit_maps(images, params, gains)
     residual = np.abs(gains[:, None] * physics.synthesize(fitted, params) - images).mean(axis=1)
@@ -75,9 +74,10 @@ def _bias(fitted, true_maps, tissue, c: int, label: int) -> float:
 def explanations(study: Path, factors=FACTORS, voxels: int = 20000, seed: int = 0) -> list[dict]:
     """One row per gain factor triple: worst residual (%) and WM/GM bias (%) of T1, T2, PD against the truth."""
     true_maps, tissue, params = _sample(study, voxels, seed)
+    images = physics.synthesize(true_maps, params)
     rows = []
     for factor in factors:
-        fitted, residual = _explain(true_maps, tissue, params, factor)
+        fitted, residual = _explain(images, params, factor)
         row = {"factors": factor, "residual_pct": residual}
         for c, name in enumerate(physics.MAPS):
             for roi, label in (("WM", WM), ("GM", GM)):
@@ -96,6 +96,7 @@ def plausible_range(study: Path, ratios=RATIOS, voxels: int = 6000, seed: int = 
     itself passes (partial volume can push a tissue's median out of its range).
     """
     true_maps, tissue, params = _sample(study, voxels, seed)
+    images = physics.synthesize(true_maps, params)
     ranges = {label: TISSUE_RANGES[label] for label in TISSUES}
 
     def pd_scales(maps) -> tuple[float, float] | None:
@@ -110,7 +111,7 @@ def plausible_range(study: Path, ratios=RATIOS, voxels: int = 6000, seed: int = 
     spans, count = {}, 0
     for a in ratios:
         for b in ratios:
-            fitted, _ = _explain(true_maps, tissue, params, (1.0, a, b))
+            fitted, _ = _explain(images, params, (1.0, a, b))
             if (scales := pd_scales(fitted)) is None:
                 continue
             low, high = scales

@@ -56,14 +56,14 @@ def rank(
     pairs = [(c, w) for c in candidates for w in prior_widths]
     for candidate, width in tqdm(pairs, desc="candidates", unit="candidate"):
         name = os.path.relpath(candidate)
-        folder = name.replace(os.sep, "_") + ("" if width is None else "_w" + "_".join(f"{w:g}" for w in width))
+        label = "bundle's" if width is None else ",".join(f"{w:g}" for w in width)
+        folder = name.replace(os.sep, "_") + ("" if width is None else "_w" + label.replace(",", "_"))
         per_study = []
         for study in studies:
             out = work / "maps" / folder / study.name
             maps, _ = network_maps(name, str(Path(candidate).resolve()), overlay, refine, study, out, width)
             per_study.append(score(maps, *truths[study.name]))
-        row = {"checkpoint": name, "prior_width": "bundle's" if width is None else ",".join(f"{w:g}" for w in width),
-               "error": np.mean([selection_error(f) for f in per_study])}  # fmt: skip
+        row = {"checkpoint": name, "prior_width": label, "error": np.mean([selection_error(f) for f in per_study])}
         for m in physics.MAPS:
             for key in ("WM_bias", "GM_bias", "mpe"):
                 row[f"{m}_{key}"] = float(np.mean([f[m][key] for f in per_study]))

@@ -516,7 +516,10 @@ class PhysicsRefined(MapTransform):
         out[:, torch.from_numpy(inside)] = torch.as_tensor(refined, dtype=out.dtype)
         d[key] = out
         change = np.median(np.abs(refined[:, tissue] / prior[:, tissue] - 1), axis=1)
-        residual = {name: _residual_pct(m, images, params) for name, m in (("network", prior), ("refined", refined))}
+        residual = {
+            "network": _residual_pct(synth, images),
+            "refined": _residual_pct(physics.synthesize(refined, params), images),
+        }
         d[self.info_key] = {
             "enabled": True,
             "gains_per_pu": gains.round(6).tolist(),
@@ -528,10 +531,10 @@ class PhysicsRefined(MapTransform):
         return d
 
 
-def _residual_pct(maps: np.ndarray, images: np.ndarray, params: np.ndarray) -> dict[str, float]:
+def _residual_pct(synth: np.ndarray, images: np.ndarray) -> dict[str, float]:
     """Per series: mean |re-synthesis - image| over the voxels, % of the mean image (the physics QA's figure),
-    each re-synthesis scaled by its least-squares gain; here on the T1w grid, where the refinement fits."""
-    synth = physics.synthesize(maps, params)
+    each re-synthesis (``synth``, (3, N)) scaled by its least-squares gain; on the T1w grid, where the refinement
+    fits."""
     fitted = physics.least_squares_gains(synth, images)[:, None] * synth
     relative = np.abs(fitted - images).mean(axis=1) / np.maximum(images.mean(axis=1), 1e-12)
     return dict(zip(physics.SERIES, (100 * relative).round(2).tolist(), strict=True))
