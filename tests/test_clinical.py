@@ -1,7 +1,9 @@
 """Clinical-like studies and their evaluation: acquisitions read back as written, metrics with known answers."""
 
 import json
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from scripts import clinical_eval, physics
@@ -100,9 +102,42 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     assert [r["checkpoint"] for r in rows] == ["b.pt", "a.pt"]
     assert rows[0]["error"] == pytest.approx(4.0, abs=1e-3) and rows[1]["error"] == pytest.approx(20.0, abs=1e-3)
     assert rows[1]["T1_WM_bias"] == pytest.approx(10.0, abs=1e-3) and rows[1]["PD_mpe"] == pytest.approx(10.0, abs=1e-3)
+    assert rows[1]["error_val-philips"] == pytest.approx(20.0, abs=1e-3) and rows[1]["vs_best"] == pytest.approx(16.0)
     # refinement prior widths are candidates too: one row per checkpoint and width
     rows = select_model.rank(["a.pt"], tmp_path, prior_widths=(None, (0.1, 0.3, 0.03)))
     assert [r["prior_width"] for r in rows] == ["0.1,0.3,0.03", "bundle's"] and rows[0]["error"] == pytest.approx(2.0)
+
+
+def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypatch):
+    """--reuse scores maps left by an earlier run of these weights (report.json's SHA-256) and maps the rest."""
+    from scripts import select_model
+    from scripts.outputs import file_sha256
+
+    acquire_study(tmp_path / "studies", {"val-philips": PROTOCOLS["philips"]}, seed=1, fine_voxel=4.0)
+    monkeypatch.setattr(select_model, "VALIDATION_STUDIES", (("val-philips", "philips", 1),))
+    monkeypatch.chdir(tmp_path)
+    truth = clinical_eval._truth(tmp_path / "studies" / "val-philips")[0]
+    widths = json.loads((clinical_eval.BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
+    for name, content in (("a.pt", b"weights a"), ("b.pt", b"weights b")):
+        Path(name).write_bytes(content)
+        out = tmp_path / "maps" / name / "val-philips"
+        out.mkdir(parents=True)
+        for m, values in zip(physics.MAPS, truth * 1.02, strict=True):
+            nib.save(nib.Nifti1Image(values, np.eye(4)), out / f"{m}_map.nii.gz")
+        report = {"model": {"checkpoint_sha256": file_sha256(name)},
+                  "physics_refinement": {"enabled": True, "prior_width_log": widths}}  # fmt: skip
+        (out / "report.json").write_text(json.dumps(report))
+    Path("b.pt").write_bytes(b"weights b, retrained")  # its maps are stale now
+    mapped = []
+
+    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None):
+        mapped.append(name)
+        return truth * 1.10, {}
+
+    monkeypatch.setattr(select_model, "network_maps", fake_network_maps)
+    rows = select_model.rank(["a.pt", "b.pt"], tmp_path, reuse=True)
+    assert mapped == ["b.pt"]
+    assert [(r["checkpoint"], round(r["error"], 3)) for r in rows] == [("a.pt", 4.0), ("b.pt", 20.0)]
 
 
 def test_other_gains_explain_the_images_exactly_with_other_maps(study):

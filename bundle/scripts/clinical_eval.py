@@ -84,8 +84,14 @@ def network_maps(
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{name} inference failed on {study}:\n{done.stderr[-3000:]}")
-    report = json.loads((out / "report.json").read_text())
+    maps, report = read_maps(out)
     report["wall_s"] = time.perf_counter() - start
+    return maps, report
+
+
+def read_maps(out: Path) -> tuple[np.ndarray, dict]:
+    """The maps (3, ...) and the report of an inference output folder."""
+    report = json.loads((out / "report.json").read_text())
     return np.stack([nib.load(out / f"{m}_map.nii.gz").get_fdata(dtype=np.float32) for m in physics.MAPS]), report
 
 

@@ -123,6 +123,12 @@ VALIDATION_STUDIES = (
     ("val-philips-2", "philips", 304),
     ("val-siemens-2", "siemens", 305),
     ("val-ge-2", "ge", 306),
+    ("val-philips-3", "philips", 307),
+    ("val-siemens-3", "siemens", 308),
+    ("val-ge-3", "ge", 309),
+    ("val-philips-4", "philips", 310),
+    ("val-siemens-4", "siemens", 311),
+    ("val-ge-4", "ge", 312),
 )
 
 _MATRIX = {"T1w": (256, 320), "T2w": (320, 384), "FLAIR": (224, 256)}

@@ -7,8 +7,10 @@ under the in-range protocols; written on first use) with the literal inference c
 
     error = mean over T1, T2, PD and the studies of ( (|WM bias| + |GM bias|) / 2 + MPE in WM+GM )   (%)
 
-the two figures the accuracy targets are stated in. Prints the ranking, writes ``selection.csv`` to
-``--work``. The evaluation studies are never looked at, so ``scripts/clinical_eval.py`` stays a test.
+the two figures the accuracy targets are stated in. Prints the ranking with each candidate's difference from
+the best on the same heads (mean and standard error over heads: heads differ more than checkpoints do, so
+a difference within about two standard errors is noise), writes ``selection.csv`` (with every head's
+error) to ``--work``. The evaluation studies are never looked at, so ``scripts/clinical_eval.py`` stays a test.
 
 From the repository root, e.g. for the networks a training run kept (``<output_dir>/snapshots``)::
 
@@ -30,12 +32,14 @@ if not __package__:  # run as a file: import the bundle's ``scripts`` package in
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 from scripts import physics  # noqa: E402
-from scripts.clinical_eval import BUNDLE, _truth, network_maps, score  # noqa: E402
+from scripts.clinical_eval import BUNDLE, _truth, network_maps, read_maps, score  # noqa: E402
 from scripts.clinical_studies import VALIDATION_STUDIES, write_studies  # noqa: E402
+from scripts.outputs import file_sha256  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 
@@ -44,12 +48,33 @@ def selection_error(figures: dict[str, dict[str, float]]) -> float:
     return float(np.mean([(abs(f["WM_bias"]) + abs(f["GM_bias"])) / 2 + f["mpe"] for f in figures.values()]))
 
 
+def made_by(out: Path, checkpoint: str, refine: bool, prior_width) -> bool:
+    """Whether ``out`` holds maps of these weights (SHA-256) with this refinement (prior width None: the bundle's)."""
+    if not (out / "report.json").exists():
+        return False
+    report = json.loads((out / "report.json").read_text())
+    refinement = report["physics_refinement"]
+    if prior_width is None:
+        prior_width = json.loads((BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
+    return (
+        report["model"]["checkpoint_sha256"] == file_sha256(checkpoint)
+        and refinement["enabled"] == refine
+        and (not refine or np.allclose(refinement["prior_width_log"], prior_width))
+    )
+
+
 def rank(
-    candidates: list[str], work: Path, overlay: str | None = None, refine: bool = True, prior_widths=(None,)
+    candidates: list[str],
+    work: Path,
+    overlay: str | None = None,
+    refine: bool = True,
+    prior_widths=(None,),
+    reuse: bool = False,
 ) -> list[dict]:
     """Score every candidate (checkpoint x refinement prior width; None: the bundle's) on every validation study.
 
-    Rows sorted by ``error`` (best first)."""
+    ``reuse``: score the maps an earlier run left in ``work`` where they were made by the same weights and
+    refinement (the code that made them is taken to be today's). Rows sorted by ``error`` (best first)."""
     studies = write_studies(work / "studies", VALIDATION_STUDIES)  # only those not there yet
     truths = {s.name: _truth(s) for s in studies}
     rows = []
@@ -61,14 +86,25 @@ def rank(
         per_study = []
         for study in studies:
             out = work / "maps" / folder / study.name
-            maps, _ = network_maps(name, str(Path(candidate).resolve()), overlay, refine, study, out, width)
+            if reuse and made_by(out, candidate, refine, width):
+                maps, _ = read_maps(out)
+            else:
+                maps, _ = network_maps(name, str(Path(candidate).resolve()), overlay, refine, study, out, width)
             per_study.append(score(maps, *truths[study.name]))
-        row = {"checkpoint": name, "prior_width": label, "error": np.mean([selection_error(f) for f in per_study])}
+        errors = [selection_error(f) for f in per_study]
+        row = {"checkpoint": name, "prior_width": label, "error": float(np.mean(errors))}
         for m in physics.MAPS:
             for key in ("WM_bias", "GM_bias", "mpe"):
                 row[f"{m}_{key}"] = float(np.mean([f[m][key] for f in per_study]))
+        row |= {f"error_{s.name}": e for s, e in zip(studies, errors, strict=True)}
         rows.append(row)
-    return sorted(rows, key=lambda r: r["error"])
+    rows.sort(key=lambda r: r["error"])
+    # heads differ more than checkpoints do: judge each against the best on the same heads (paired)
+    for row in rows:
+        diff = [row[f"error_{s.name}"] - rows[0][f"error_{s.name}"] for s in studies]
+        row["vs_best"] = float(np.mean(diff))
+        row["vs_best_se"] = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return rows
 
 
 def _widths(text: str) -> tuple[float, float, float]:
@@ -86,19 +122,23 @@ def main(argv=None) -> None:
     parser.add_argument("--refine", choices=("true", "false"), default="true", help="physics refinement")
     parser.add_argument("--prior-width", action="append", type=_widths, metavar="T1,T2,PD",
                         help="refinement prior widths (log units), repeatable (default: the bundle's)")  # fmt: skip
+    parser.add_argument("--reuse", action="store_true",
+                        help="score maps an earlier run made with these weights and refinement")  # fmt: skip
     args = parser.parse_args(argv)
-    rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", args.prior_width or (None,))
+    widths = args.prior_width or (None,)
+    rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse)
     args.work.mkdir(parents=True, exist_ok=True)
     with (args.work / "selection.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     maps = " | ".join(f"{m} WM / GM bias %, MPE %" for m in physics.MAPS)
-    print(f"| checkpoint | prior width | error % | {maps} |")
-    print("|---|---|---|" + "---|" * len(physics.MAPS))
+    print(f"| checkpoint | prior width | error % | minus best's, paired ± s.e. | {maps} |")
+    print("|---|---|---|---|" + "---|" * len(physics.MAPS))
     for r in rows:
         cells = [f"{r[f'{m}_WM_bias']:+.1f} / {r[f'{m}_GM_bias']:+.1f}, {r[f'{m}_mpe']:.1f}" for m in physics.MAPS]
-        print(f"| {r['checkpoint']} | {r['prior_width']} | {r['error']:.2f} | " + " | ".join(cells) + " |")
+        paired = f"{r['vs_best']:+.2f} ± {r['vs_best_se']:.2f}"
+        print(f"| {r['checkpoint']} | {r['prior_width']} | {r['error']:.2f} | {paired} | " + " | ".join(cells) + " |")
     print(f"best: {rows[0]['checkpoint']}, prior width {rows[0]['prior_width']}")
 
 
