@@ -48,16 +48,14 @@ def selection_error(figures: dict[str, dict[str, float]]) -> float:
     return float(np.mean([(abs(f["WM_bias"]) + abs(f["GM_bias"])) / 2 + f["mpe"] for f in figures.values()]))
 
 
-def made_by(out: Path, checkpoint: str, refine: bool, prior_width) -> bool:
-    """Whether ``out`` holds maps of these weights (SHA-256) with this refinement (prior width None: the bundle's)."""
+def made_by(out: Path, sha256: str, refine: bool, prior_width) -> bool:
+    """Whether ``out`` holds maps of the weights with this SHA-256, with this refinement and prior width (3,)."""
     if not (out / "report.json").exists():
         return False
     report = json.loads((out / "report.json").read_text())
     refinement = report["physics_refinement"]
-    if prior_width is None:
-        prior_width = json.loads((BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
     return (
-        report["model"]["checkpoint_sha256"] == file_sha256(checkpoint)
+        report["model"]["checkpoint_sha256"] == sha256
         and refinement["enabled"] == refine
         and (not refine or np.allclose(refinement["prior_width_log"], prior_width))
     )
@@ -77,16 +75,18 @@ def rank(
     refinement (the code that made them is taken to be today's). Rows sorted by ``error`` (best first)."""
     studies = write_studies(work / "studies", VALIDATION_STUDIES)  # only those not there yet
     truths = {s.name: _truth(s) for s in studies}
+    bundle_widths = json.loads((BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
     rows = []
     pairs = [(c, w) for c in candidates for w in prior_widths]
     for candidate, width in tqdm(pairs, desc="candidates", unit="candidate"):
         name = os.path.relpath(candidate)
         label = "bundle's" if width is None else ",".join(f"{w:g}" for w in width)
         folder = name.replace(os.sep, "_") + ("" if width is None else "_w" + label.replace(",", "_"))
+        sha256 = file_sha256(candidate) if reuse else None
         per_study = []
         for study in studies:
             out = work / "maps" / folder / study.name
-            if reuse and made_by(out, candidate, refine, width):
+            if reuse and made_by(out, sha256, refine, bundle_widths if width is None else width):
                 maps, _ = read_maps(out)
             else:
                 maps, _ = network_maps(name, str(Path(candidate).resolve()), overlay, refine, study, out, width)
