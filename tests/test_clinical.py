@@ -106,6 +106,17 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     # refinement prior widths are candidates too: one row per checkpoint and width
     rows = select_model.rank(["a.pt"], tmp_path, prior_widths=(None, (0.1, 0.3, 0.03)))
     assert [r["prior_width"] for r in rows] == ["0.1,0.3,0.03", "bundle's"] and rows[0]["error"] == pytest.approx(2.0)
+    # a candidate's own overlay (path:overlay) replaces --overlay for it alone
+    overlays = {}
+
+    def recording_network_maps(name, checkpoint, overlay, *args):
+        overlays[name] = overlay
+        return fake_network_maps(name, checkpoint, overlay, *args)
+
+    monkeypatch.setattr(select_model, "network_maps", recording_network_maps)
+    rows = select_model.rank(["a.pt", "b.pt:train_paper.json"], tmp_path, overlay="train_unet.json")
+    assert overlays == {"a.pt": "train_unet.json", "b.pt": "train_paper.json"}
+    assert [r["checkpoint"] for r in rows] == ["b.pt:train_paper.json", "a.pt"]
 
 
 def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypatch):

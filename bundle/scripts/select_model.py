@@ -16,6 +16,9 @@ From the repository root, e.g. for the networks a training run kept (``<output_d
 
     python bundle/scripts/select_model.py bundle/runs/<run>/snapshots/*.pt bundle/models/model.pt
 
+A candidate written ``<model.pt>:<overlay>`` is built with that training-config overlay (e.g.
+``train_unet.json``) instead of ``--overlay``'s, so different architectures share one ranking.
+
 The physics refinement's prior widths (``refine_prior_width`` in ``inference.json``: how far each of the
 network's maps may be off) are chosen the same way: each ``--prior-width`` is one candidate per checkpoint::
 
@@ -71,6 +74,8 @@ def rank(
 ) -> list[dict]:
     """Score every candidate (checkpoint x refinement prior width; None: the bundle's) on every validation study.
 
+    A candidate is a checkpoint path, or ``<path>:<overlay>`` with its own training-config overlay (else ``overlay``).
+
     ``reuse``: score the maps an earlier run left in ``work`` where they were made by the same weights and
     refinement (the code that made them is taken to be today's). Rows sorted by ``error`` (best first)."""
     studies = write_studies(work / "studies", VALIDATION_STUDIES)  # only those not there yet
@@ -79,20 +84,24 @@ def rank(
     rows = []
     pairs = [(c, w) for c in candidates for w in prior_widths]
     for candidate, width in tqdm(pairs, desc="candidates", unit="candidate"):
-        name = os.path.relpath(candidate)
+        checkpoint, _, own_overlay = candidate.partition(":")
+        name = os.path.relpath(checkpoint)
         label = "bundle's" if width is None else ",".join(f"{w:g}" for w in width)
         folder = name.replace(os.sep, "_") + ("" if width is None else "_w" + label.replace(",", "_"))
-        sha256 = file_sha256(candidate) if reuse else None
+        sha256 = file_sha256(checkpoint) if reuse else None
         per_study = []
         for study in studies:
             out = work / "maps" / folder / study.name
             if reuse and made_by(out, sha256, refine, bundle_widths if width is None else width):
                 maps, _ = read_maps(out)
             else:
-                maps, _ = network_maps(name, str(Path(candidate).resolve()), overlay, refine, study, out, width)
+                maps, _ = network_maps(
+                    name, str(Path(checkpoint).resolve()), own_overlay or overlay, refine, study, out, width
+                )
             per_study.append(score(maps, *truths[study.name]))
         errors = [selection_error(f) for f in per_study]
-        row = {"checkpoint": name, "prior_width": label, "error": float(np.mean(errors))}
+        suffix = f":{own_overlay}" if own_overlay else ""
+        row = {"checkpoint": name + suffix, "prior_width": label, "error": float(np.mean(errors))}
         for m in physics.MAPS:
             for key in ("WM_bias", "GM_bias", "mpe"):
                 row[f"{m}_{key}"] = float(np.mean([f[m][key] for f in per_study]))
@@ -116,7 +125,7 @@ def _widths(text: str) -> tuple[float, float, float]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("candidates", nargs="+", help="network state dicts (model.pt files)")
+    parser.add_argument("candidates", nargs="+", help="network state dicts (model.pt), each optionally :<overlay>")
     parser.add_argument("--work", type=Path, default=BUNDLE / "eval" / "validation", help="studies and maps")
     parser.add_argument("--overlay", help="training-config overlay of the candidates, e.g. train_unet.json")
     parser.add_argument("--refine", choices=("true", "false"), default="true", help="physics refinement")
