@@ -77,6 +77,16 @@ def test_oracle_fit_on_noise_free_images_has_no_bias(study):
         assert figures[name]["mpe"] < 0.01
 
 
+def test_network_grid_round_trip_keeps_constants_and_blurs_edges(study):
+    """The reference 'truth via network grid': back on the T1w grid exactly, partial volume at tissue edges."""
+    truth, labels = clinical_eval._truth(study)
+    wm_gm = np.isin(labels, (2, 3))
+    constant, _ = clinical_eval.network_grid_truth(study, np.ones_like(truth))
+    np.testing.assert_allclose(constant[:, wm_gm], 1.0, atol=1e-5)
+    figures = clinical_eval.score(clinical_eval.network_grid_truth(study, truth)[0], truth, labels)
+    assert 0.5 < figures["T1"]["mpe"] < 3.0 and abs(figures["T1"]["WM_bias"]) < 2.0  # measured 1.15 %, +0.7 %
+
+
 def test_verdict_names_met_and_missed_targets():
     rows = [{"study": "a", "method": "m", "map": name, "WM_bias": bias, "GM_bias": 0.5, "mpe": 4.0, "psnr": 31.0}
             for name, bias in zip(physics.MAPS, (1.0, -4.0, 2.0), strict=True)]  # fmt: skip
