@@ -170,7 +170,9 @@ def network_grid_truth(study: Path, truth: np.ndarray) -> tuple[np.ndarray, dict
     pixdim = json.loads((BUNDLE / "configs" / "train.json").read_text())["network_pixdim"]
     affine = torch.as_tensor(nib.load(study / "truth" / "T1.nii.gz").affine, dtype=torch.float64)
     maps = MetaTensor(torch.from_numpy(truth), affine=affine)
-    on_grid = Spacing(pixdim=pixdim, mode="bilinear")(Orientation(axcodes="RAS")(maps))
+    on_grid = Spacing(pixdim=pixdim, mode="bilinear")(
+        Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(maps)
+    )
     back = ResampleToMatch(mode="bilinear", padding_mode="zeros")(on_grid, maps)
     return back.numpy().astype(np.float32), {"wall_s": time.perf_counter() - start}
 
