@@ -382,7 +382,7 @@ class BrainMaskd(MapTransform):
         else:
             mask = torch.from_numpy(_deepbet_mask(img[0].numpy(), np.asarray(img.affine)))[None]
             info = "deepbet"
-        mask = MetaTensor(mask.to(torch.float32), affine=img.affine, meta=dict(img.meta))
+        mask = MetaTensor(mask.to(torch.float32), meta=dict(img.meta))  # the meta holds the affine
         if not mask.any():
             raise ValueError(f"the brain mask ({info}) is empty")
         support = torch.as_tensor(img) > 0
