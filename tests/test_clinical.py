@@ -159,6 +159,9 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
     rows = select_model.rank(["a.pt", "b.pt"], tmp_path, reuse=True)
     assert mapped == ["b.pt"]
     assert [(r["checkpoint"], round(r["error"], 3)) for r in rows] == [("a.pt", 4.0), ("b.pt", 20.0)]
+    # the same weights built with another overlay are other maps
+    select_model.rank(["a.pt:train_unet.json"], tmp_path, reuse=True)
+    assert mapped == ["b.pt", "a.pt"]
 
 
 def test_other_gains_explain_the_images_exactly_with_other_maps(study):

@@ -72,6 +72,12 @@ TARGETS = {"bias": 3.0, "mpe": 6.0, "psnr": 30.0, "bias_out_of_range": 8.0}
 FAMILY = {study_id: protocol for study_id, protocol, _ in EVALUATION_STUDIES}
 
 
+def split_overlay(spec: str) -> tuple[str, str | None]:
+    """``<checkpoint>[:<training-config overlay>]`` -> (checkpoint, overlay or None)."""
+    checkpoint, _, overlay = spec.partition(":")
+    return checkpoint, overlay or None
+
+
 def network_maps(
     name: str, checkpoint: str, overlay: str | None, refine: bool, study: Path, out: Path, prior_width=None
 ) -> tuple[np.ndarray, dict]:
@@ -380,10 +386,10 @@ def main(argv=None) -> None:
     models = {}
     for spec, refine in [(spec, True) for spec in args.model] + [(spec, False) for spec in args.network_only]:
         name, _, rest = spec.partition("=")
-        checkpoint, _, overlay = rest.partition(":")
-        models[name] = (str(Path(checkpoint).resolve()), overlay or None, refine)
+        checkpoint, overlay = split_overlay(rest)
+        models[name] = (str(Path(checkpoint).resolve()), overlay, refine)
         if name in args.without_refinement:
-            models[f"{name}, no refinement"] = (str(Path(checkpoint).resolve()), overlay or None, False)
+            models[f"{name}, no refinement"] = (str(Path(checkpoint).resolve()), overlay, False)
     if not (args.work / "studies" / "invariance").is_dir():
         write_evaluation_studies(args.work / "studies", args.fine_voxel)
     studies = [args.work / "studies" / study_id for study_id, _, _ in EVALUATION_STUDIES]

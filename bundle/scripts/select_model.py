@@ -40,7 +40,7 @@ import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 from scripts import physics  # noqa: E402
-from scripts.clinical_eval import BUNDLE, _truth, network_maps, read_maps, score  # noqa: E402
+from scripts.clinical_eval import BUNDLE, _truth, network_maps, read_maps, score, split_overlay  # noqa: E402
 from scripts.clinical_studies import VALIDATION_STUDIES, write_studies  # noqa: E402
 from scripts.outputs import file_sha256  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -84,10 +84,13 @@ def rank(
     rows = []
     pairs = [(c, w) for c in candidates for w in prior_widths]
     for candidate, width in tqdm(pairs, desc="candidates", unit="candidate"):
-        checkpoint, _, own_overlay = candidate.partition(":")
+        checkpoint, own_overlay = split_overlay(candidate)
+        candidate_overlay = own_overlay or overlay
         name = os.path.relpath(checkpoint)
         label = "bundle's" if width is None else ",".join(f"{w:g}" for w in width)
-        folder = name.replace(os.sep, "_") + ("" if width is None else "_w" + label.replace(",", "_"))
+        # report.json does not record the overlay: maps of the same weights under another overlay live apart
+        folder = name.replace(os.sep, "_") + (f"_{Path(candidate_overlay).stem}" if candidate_overlay else "")
+        folder += "" if width is None else "_w" + label.replace(",", "_")
         sha256 = file_sha256(checkpoint) if reuse else None
         per_study = []
         for study in studies:
@@ -96,7 +99,7 @@ def rank(
                 maps, _ = read_maps(out)
             else:
                 maps, _ = network_maps(
-                    name, str(Path(checkpoint).resolve()), own_overlay or overlay, refine, study, out, width
+                    name, str(Path(checkpoint).resolve()), candidate_overlay, refine, study, out, width
                 )
             per_study.append(score(maps, *truths[study.name]))
         errors = [selection_error(f) for f in per_study]
