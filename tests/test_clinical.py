@@ -116,6 +116,7 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     # refinement prior widths are candidates too: one row per checkpoint and width
     rows = select_model.rank(["a.pt"], tmp_path, prior_widths=(None, (0.1, 0.3, 0.03)))
     assert [r["prior_width"] for r in rows] == ["0.1,0.3,0.03", "bundle's"] and rows[0]["error"] == pytest.approx(2.0)
+    assert rows[0]["T1_WM_bias"] == pytest.approx(-1.0, abs=1e-3) and rows[0]["T1_WM_abs_bias"] == pytest.approx(1.0)
     # a candidate's own overlay (path:overlay) replaces --overlay for it alone
     overlays = {}
 
@@ -173,5 +174,21 @@ def test_other_gains_explain_the_images_exactly_with_other_maps(study):
     assert abs(rows[0]["T1_WM_bias"]) < 0.1 and abs(rows[0]["PD_GM_bias"]) < 0.1
     assert rows[1]["T1_WM_bias"] < -10  # the images cannot tell this head from one with a much shorter WM T1
     assert rows[2]["PD_WM_bias"] == pytest.approx(100 * (1 / 1.1 - 1), abs=0.05) and abs(rows[2]["T1_WM_bias"]) < 0.1
-    span = gain_ambiguity.plausible_range(study, ratios=np.linspace(0.8, 1.2, 5), voxels=3000)
-    assert 1 <= span["plausible"] < 25 and span["T1_WM"][1] - span["T1_WM"][0] > 3  # several, not all
+
+
+def test_tissue_prior_narrows_the_explanations_to_a_best_guess():
+    """Exact tissue values at the middle of their ranges: the truth is one plausible explanation of several; the
+    prior's best guess lies in their span, near the truth; a prior on pure CSF too rules explanations out."""
+    from scripts import gain_ambiguity
+    from scripts.phantom import TISSUE_RANGES
+
+    values = {t: np.array([np.mean(r) for r in TISSUE_RANGES[t]]) for t in (1, 2, 3)}
+    params = np.array([PROTOCOLS["philips"].timing[s] for s in physics.SERIES])
+    ratios = np.exp(np.linspace(-0.3, 0.3, 31))  # 1 included
+    wm_gm = gain_ambiguity.prior_calibration(values, params, (2, 3), ratios)
+    assert wm_gm["truth_plausible"] and 10 <= wm_gm["plausible"] < 31**2 / 4
+    low, high = wm_gm["T1_WM"]
+    assert low < -5 and high > 5 and abs(wm_gm["T1_WM_guess"]) < 5  # a 10 %-wide span, centred on the truth
+    with_csf = gain_ambiguity.prior_calibration(values, params, (1, 2, 3), ratios)
+    assert with_csf["truth_plausible"] and 1 <= with_csf["plausible"] < wm_gm["plausible"]
+    assert with_csf["T1_WM"][1] - with_csf["T1_WM"][0] < high - low

@@ -4,13 +4,19 @@ Each voxel gives three equations (T1w, T2w, FLAIR) for three unknowns (T1, T2, P
 receiver gains unknown, as they are for every clinical study, other gains explain the images too: the
 voxel-wise solve finds maps that re-synthesise them exactly, and those maps have other ROI means. What picks
 one explanation is prior knowledge of tissue values, not the images; this script measures how far apart the
-explanations are. Noise-free images of a clinical-like study's true maps (on its T1w grid, true gains) are
-fitted voxel by voxel (``physics.fit_maps``) with the true gains scaled by each factor triple; printed: the
-re-synthesis residual (% of the mean signal, WM+GM) and the WM / GM bias of each map against the truth.
+explanations are and how well that prior can pick one:
 
-From the repository root::
+- ``--factors``: noise-free images of a clinical-like study's true maps (on its T1w grid, true gains) fitted
+  voxel by voxel (``physics.fit_maps``) with the true gains scaled by each factor triple: the re-synthesis
+  residual (% of the mean signal, WM+GM) and the WM / GM bias of each map against the truth;
+- always: per study and prior (``PRIORS``: tissue ranges of GM and WM, or of pure CSF too), the gain ratios
+  whose explanation keeps every tissue inside its range, the bias span of those explanations and the bias of
+  the prior's best guess among them (``prior_calibration``), then its mean |bias| over the studies: what the
+  prior allows a method without the gains, to hold a network's calibration against.
 
-    python bundle/scripts/gain_ambiguity.py bundle/eval/clinical/studies/philips-1
+From the repository root (about 2 s per study; ``--factors`` 9 s more)::
+
+    python bundle/scripts/gain_ambiguity.py bundle/eval/validation/studies/val-* --factors
 """
 
 from __future__ import annotations
@@ -40,12 +46,16 @@ FACTORS = (
     (1.0, 1.0, 0.9),
     (1.1, 1.1, 1.1),
 )
-#: Gain ratios T2w/T1w and FLAIR/T1w searched for plausible explanations.
-RATIOS = tuple(np.linspace(0.7, 1.3, 13))
-WM, GM = 3, 2
-# CSF is left out: at 4-5 mm slices its labelled voxels are mostly partial volume (median T1 ~2100 ms on
-# philips-1 against 3300-4800 ms for CSF itself), so no prior on CSF values applies to them.
+#: Gain ratios T2w/T1w and FLAIR/T1w searched for plausible explanations: 0.61-1.65 in 0.8 % steps, 1 included.
+RATIOS = tuple(np.exp(np.linspace(-0.5, 0.5, 121)))
+CSF, GM, WM = 1, 2, 3
 TISSUES = (GM, WM)
+#: CSF-labelled voxels above this percentile of the true T1 stand for CSF itself. At 4-5 mm slices most
+#: CSF-labelled voxels are partial volume (median T1 ~2100 ms on philips-1 against 3300-4800 ms for CSF), so
+#: no prior on CSF values applies to the label as a whole; its core (the ventricles') is CSF.
+PURE_CSF_PERCENTILE = 99.0
+#: The priors compared: tissue ranges of GM and WM only, and with pure CSF's too.
+PRIORS = {"GM, WM": (GM, WM), "GM, WM, pure CSF (T1w, T2w)": (GM, WM, CSF)}
 
 
 def _sample(study: Path, voxels: int, seed: int):
@@ -86,72 +96,123 @@ def explanations(study: Path, factors=FACTORS, voxels: int = 20000, seed: int = 
     return rows
 
 
-def plausible_range(study: Path, ratios=RATIOS, voxels: int = 6000, seed: int = 0) -> dict:
-    """Every exact explanation whose tissues still look like tissues, and the ROI biases they span.
+def tissue_values(study: Path) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Each tissue's true (T1, T2, PD), the median over its labelled voxels (CSF: over pure CSF), and the protocol."""
+    truth = np.stack([nib.load(study / "truth" / f"{m}.nii.gz").get_fdata(dtype=np.float32) for m in physics.MAPS])
+    labels = np.asarray(nib.load(study / "truth" / "labels.nii.gz").dataobj)
+    params = np.asarray(json.loads((study / "truth" / "acquisition.json").read_text())["params"])
+    csf = labels == CSF
+    pure = {CSF: csf & (truth[0] >= np.percentile(truth[0][csf], PURE_CSF_PERCENTILE))}
+    return {t: np.median(truth[:, pure.get(t, labels == t)], axis=1).astype(np.float64) for t in (CSF, GM, WM)}, params
 
-    Gains (1, a, b) for T1w, T2w, FLAIR over ``ratios`` (a common factor only rescales PD, handled in
-    closed form): an explanation is plausible when the median T1, T2 (and, for some common PD scale, PD)
-    of GM and WM fall inside ``phantom.TISSUE_RANGES``, the prior the phantoms draw every head from.
-    Returns {map_ROI: (min, max) bias %} over the plausible explanations, their count, and whether the truth
-    itself passes (partial volume can push a tissue's median out of its range).
+
+def prior_calibration(values: dict[int, np.ndarray], params, tissues=TISSUES, ratios=RATIOS) -> dict:
+    """What prior knowledge of tissue values makes of a head's calibration when the images are exact.
+
+    Every gain triple (1, a, b) for T1w, T2w, FLAIR over ``ratios`` explains the noise-free images exactly
+    (a common factor only rescales PD, handled in closed form); ``params`` is the protocol, and each tissue is
+    represented by its true ``values`` ({label: (T1, T2, PD)}, e.g. ``tissue_values``). An explanation is
+    plausible when T1 and T2 of every tissue in ``tissues`` lie inside ``phantom.TISSUE_RANGES`` (the prior
+    every training and test head is drawn from) and some common scale puts every PD inside too. The prior's
+    best guess is the mean log-maps over the plausible explanations (a uniform prior over the gain ratios;
+    PD at the geometric middle of its scales): about what a method without the gains can reach on average
+    with this prior, an ideal observer that reads each tissue's exact values; on one head it may land
+    anywhere in the span.
+
+    Returns the plausible count, whether the truth is plausible, and per map and ROI (``T1_WM``, ...) the
+    bias span (min, max) and the best guess's bias (``T1_WM_guess``), %; no guess where nothing is plausible.
     """
-    true_maps, tissue, params = _sample(study, voxels, seed)
-    images = physics.synthesize(true_maps, params)
-    ranges = {label: TISSUE_RANGES[label] for label in TISSUES}
+    truth = np.stack([values[WM], values[GM]], axis=1)  # (maps, tissues)
+    a, b = np.meshgrid(np.asarray(ratios), np.asarray(ratios), indexing="ij")
+    factors = np.stack([np.ones(a.size), a.ravel(), b.ravel()])
+    images = physics.synthesize(truth, params)[:, :, None] / factors[:, None]  # fitted with gains 1
+    fitted = physics.fit_maps(images.reshape(3, -1), params, np.ones(3), iterations=30).reshape(images.shape)
+    plausible = np.ones(a.size, dtype=bool)
+    low, high = np.zeros(a.size), np.full(a.size, np.inf)  # common PD scales that keep WM and GM PD in range
+    for j, t in enumerate((WM, GM)):
+        for c, (lo, hi) in enumerate(TISSUE_RANGES[t][:2]):
+            plausible &= (fitted[c, j] >= lo) & (fitted[c, j] <= hi)
+        pd_range = TISSUE_RANGES[t][2]
+        low, high = np.maximum(low, fitted[2, j] / pd_range[1]), np.minimum(high, fitted[2, j] / pd_range[0])
+    plausible &= low <= high
+    if CSF in tissues:
+        plausible &= _csf_plausible(values[CSF], params, factors, low, high)
+    out = {
+        "plausible": int(plausible.sum()),
+        "of": a.size,
+        "truth_plausible": all(
+            lo <= values[t][c] <= hi for t in tissues for c, (lo, hi) in enumerate(TISSUE_RANGES[t])
+        ),
+    }
+    if not plausible.any():
+        return out
+    kept, low, high = fitted[:, :, plausible], low[plausible], high[plausible]
+    guess = np.exp(np.log(kept).mean(axis=2))
+    guess[2] /= np.exp(np.log(np.sqrt(low * high)).mean())
+    for c, name in enumerate(physics.MAPS):
+        for j, roi in enumerate(("WM", "GM")):
+            scaled = [kept[c, j] / s for s in ((low, high) if name == "PD" else (1.0,))]
+            bias = 100 * (np.concatenate(scaled) / truth[c, j] - 1)
+            out[f"{name}_{roi}"] = (float(bias.min()), float(bias.max()))
+            out[f"{name}_{roi}_guess"] = float(100 * (guess[c, j] / truth[c, j] - 1))
+    return out
 
-    def pd_scales(maps) -> tuple[float, float] | None:
-        """The common PD scales that put every tissue inside its ranges, or None if T1/T2 already miss."""
-        medians = {label: np.median(maps[:, tissue == label], axis=1) for label in TISSUES}
-        if not all(lo <= medians[t][c] <= hi for t in TISSUES for c, (lo, hi) in enumerate(ranges[t][:2])):
-            return None
-        low = max(medians[t][2] / ranges[t][2][1] for t in TISSUES)
-        high = min(medians[t][2] / ranges[t][2][0] for t in TISSUES)
-        return (low, high) if low <= high else None
 
-    spans, count = {}, 0
-    for a in ratios:
-        for b in ratios:
-            fitted, _ = _explain(images, params, (1.0, a, b))
-            if (scales := pd_scales(fitted)) is None:
-                continue
-            low, high = scales
-            count += 1
-            for c, name in enumerate(physics.MAPS):
-                for roi, label in (("WM", WM), ("GM", GM)):
-                    biases = [_bias(fitted / np.array([1, 1, s])[:, None], true_maps, tissue, c, label)
-                              for s in ((low, high) if name == "PD" else (1.0,))]  # fmt: skip
-                    old = spans.get(f"{name}_{roi}", (np.inf, -np.inf))
-                    spans[f"{name}_{roi}"] = (min(old[0], *biases), max(old[1], *biases))
-    return {"plausible": count, "of": len(ratios) ** 2, "truth_plausible": pd_scales(true_maps) is not None, **spans}
+def _csf_plausible(csf, params, factors, low, high, tolerance: float = 0.01) -> np.ndarray:
+    """Which gain factor triples (3, G) explain pure CSF's T1w and T2w signals with values inside its ranges.
+
+    FLAIR is left out: CSF sits near its null, where a magnitude image holds mostly noise floor and the partial
+    volume of brighter tissue. Plausible when some (T1, T2) in CSF's ranges explains T1w to ``tolerance`` with
+    the PD that explains T2w, and a common PD scale in [``low``, ``high``] (WM's and GM's) puts that PD in range.
+    """
+    t1_range, t2_range, pd_range = TISSUE_RANGES[CSF]
+    t1, t2 = (g.ravel() for g in np.meshgrid(np.linspace(*t1_range, 60), np.linspace(*t2_range, 20), indexing="ij"))
+    shape_t1w, shape_t2w = (physics.signal(1.0, t1, t2, *params[k]) for k in (0, 1))
+    measured = physics.synthesize(csf, params)[:2, None] / factors[:2]  # (T1w T2w, G), with gains 1
+    pd = measured[1][:, None] / shape_t2w  # (G, candidates)
+    explains = np.abs(pd * shape_t1w / measured[0][:, None] - 1) < tolerance
+    in_range = np.maximum(low[:, None], pd / pd_range[1]) <= np.minimum(high[:, None], pd / pd_range[0])
+    return np.any(explains & in_range, axis=1)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", type=Path, help="a clinical-like study folder (with truth/)")
-    parser.add_argument("--voxels", type=int, default=20000, help="WM+GM voxels drawn for the fits")
+    parser.add_argument("studies", type=Path, nargs="+", help="clinical-like study folders (with truth/)")
+    parser.add_argument("--voxels", type=int, default=20000, help="WM+GM voxels drawn for the factor table")
+    parser.add_argument("--factors", action="store_true", help="also fit each study with the gains x FACTORS")
     args = parser.parse_args(argv)
-    rows = explanations(args.study, voxels=args.voxels)
-    print(f"{args.study.name}: noise-free images of the truth, fitted with the true gains times the factors")
-    print(
-        "| gain factors T1w, T2w, FLAIR | worst residual % | "
-        + " | ".join(f"{m} WM / GM bias %" for m in physics.MAPS)
-        + " |"
-    )
-    print("|---|---|" + "---|" * len(physics.MAPS))
-    for r in rows:
-        cells = [f"{r[f'{m}_WM_bias']:+.1f} / {r[f'{m}_GM_bias']:+.1f}" for m in physics.MAPS]
-        print(f"| {', '.join(f'{f:g}' for f in r['factors'])} | {r['residual_pct']:.2f} | " + " | ".join(cells) + " |")
-    span = plausible_range(args.study)
-    print(
-        f"\n{span['plausible']} of {span['of']} gain ratios (T2w/T1w, FLAIR/T1w 0.7-1.3) explain the images exactly "
-        f"with GM and WM inside the phantom's tissue ranges (the truth {'is' if span['truth_plausible'] else 'is not'}"
-        " one of them); the WM / GM bias they span:"
-    )
-    for name in physics.MAPS:
-        print(
-            f"- {name}: WM {span[f'{name}_WM'][0]:+.1f} .. {span[f'{name}_WM'][1]:+.1f} %, "
-            f"GM {span[f'{name}_GM'][0]:+.1f} .. {span[f'{name}_GM'][1]:+.1f} %"
-        )
+    for study in args.studies if args.factors else ():
+        print(f"{study.name}: noise-free images of the truth, fitted with the true gains times the factors")
+        print("| gain factors T1w, T2w, FLAIR | worst residual % | "
+              + " | ".join(f"{m} WM / GM bias %" for m in physics.MAPS) + " |")  # fmt: skip
+        print("|---|---|" + "---|" * len(physics.MAPS))
+        for r in explanations(study, voxels=args.voxels):
+            cells = [f"{r[f'{m}_WM_bias']:+.1f} / {r[f'{m}_GM_bias']:+.1f}" for m in physics.MAPS]
+            factors = ", ".join(f"{f:g}" for f in r["factors"])
+            print(f"| {factors} | {r['residual_pct']:.2f} | " + " | ".join(cells) + " |")
+        print()
+    print(f"Gain ratios T2w/T1w and FLAIR/T1w {RATIOS[0]:.1f}-{RATIOS[-1]:.1f} ({len(RATIOS)}^2) that explain the "
+          "noise-free images exactly with every tissue of the prior inside its range (* the truth is not); "
+          "WM / GM bias of the prior's best guess [span of the plausible explanations], %:\n")  # fmt: skip
+    print("| study | prior | plausible | " + " | ".join(f"{m} WM / GM" for m in physics.MAPS) + " |")
+    print("|---|---|---|" + "---|" * len(physics.MAPS))
+    guesses = {name: [] for name in PRIORS}
+    for study in args.studies:
+        for name, tissues in PRIORS.items():
+            r = prior_calibration(*tissue_values(study), tissues)
+            count = f"{r['plausible']}{'' if r['truth_plausible'] else '*'}"
+            if not r["plausible"]:
+                print(f"| {study.name} | {name} | {count} |" + " - |" * len(physics.MAPS))
+                continue
+            guesses[name].append([r[f"{m}_{roi}_guess"] for m in physics.MAPS for roi in ("WM", "GM")])
+            cells = [" / ".join(f"{r[f'{m}_{roi}_guess']:+.1f} [{r[f'{m}_{roi}'][0]:+.0f}..{r[f'{m}_{roi}'][1]:+.0f}]"
+                                for roi in ("WM", "GM")) for m in physics.MAPS]  # fmt: skip
+            print(f"| {study.name} | {name} | {count} | " + " | ".join(cells) + " |")
+    for name, rows in guesses.items():
+        if rows:
+            mean = np.abs(np.array(rows)).mean(axis=0)
+            cells = ", ".join(f"{m} {mean[2 * c]:.1f} / {mean[2 * c + 1]:.1f}" for c, m in enumerate(physics.MAPS))
+            print(f"\nprior {name}: mean |bias| of the best guess over {len(rows)} studies, WM / GM %: {cells}")
 
 
 if __name__ == "__main__":

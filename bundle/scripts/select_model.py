@@ -108,6 +108,8 @@ def rank(
         for m in physics.MAPS:
             for key in ("WM_bias", "GM_bias", "mpe"):
                 row[f"{m}_{key}"] = float(np.mean([f[m][key] for f in per_study]))
+            for roi in ("WM", "GM"):  # the signed mean hides heads off in opposite directions
+                row[f"{m}_{roi}_abs_bias"] = float(np.mean([abs(f[m][f"{roi}_bias"]) for f in per_study]))
         row |= {f"error_{s.name}": e for s, e in zip(studies, errors, strict=True)}
         rows.append(row)
     rows.sort(key=lambda r: r["error"])
@@ -144,11 +146,12 @@ def main(argv=None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    maps = " | ".join(f"{m} WM / GM bias %, MPE %" for m in physics.MAPS)
+    maps = " | ".join(f"{m} WM / GM bias % (mean abs), MPE %" for m in physics.MAPS)
     print(f"| checkpoint | prior width | error % | minus best's, paired ± s.e. | {maps} |")
     print("|---|---|---|---|" + "---|" * len(physics.MAPS))
     for r in rows:
-        cells = [f"{r[f'{m}_WM_bias']:+.1f} / {r[f'{m}_GM_bias']:+.1f}, {r[f'{m}_mpe']:.1f}" for m in physics.MAPS]
+        cells = [f"{r[f'{m}_WM_bias']:+.1f} / {r[f'{m}_GM_bias']:+.1f} ({r[f'{m}_WM_abs_bias']:.1f} / "
+                 f"{r[f'{m}_GM_abs_bias']:.1f}), {r[f'{m}_mpe']:.1f}" for m in physics.MAPS]  # fmt: skip
         paired = f"{r['vs_best']:+.2f} ± {r['vs_best_se']:.2f}"
         print(f"| {r['checkpoint']} | {r['prior_width']} | {r['error']:.2f} | {paired} | " + " | ".join(cells) + " |")
     print(f"best: {rows[0]['checkpoint']}, prior width {rows[0]['prior_width']}")
