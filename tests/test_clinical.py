@@ -103,8 +103,8 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     monkeypatch.setattr(select_model, "VALIDATION_STUDIES", (("val-philips", "philips", 1),))
     factor = {("a.pt", None): 1.10, ("b.pt", None): 1.02, ("a.pt", (0.1, 0.3, 0.03)): 0.99}
 
-    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None):
-        return clinical_eval._truth(study)[0] * factor[name, prior_width], {}
+    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, calibrate=False):
+        return clinical_eval._truth(study)[0] * (1.03 if calibrate else factor[name, prior_width]), {}
 
     monkeypatch.setattr(select_model, "network_maps", fake_network_maps)
     monkeypatch.chdir(tmp_path)
@@ -117,6 +117,11 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     rows = select_model.rank(["a.pt"], tmp_path, prior_widths=(None, (0.1, 0.3, 0.03)))
     assert [r["prior_width"] for r in rows] == ["0.1,0.3,0.03", "bundle's"] and rows[0]["error"] == pytest.approx(2.0)
     assert rows[0]["T1_WM_bias"] == pytest.approx(-1.0, abs=1e-3) and rows[0]["T1_WM_abs_bias"] == pytest.approx(1.0)
+    # with and without the per-study gain calibration: one row each
+    rows = select_model.rank(["a.pt"], tmp_path, calibrations=(False, True))
+    assert [r["prior_width"] for r in rows] == ["bundle's + calibration", "bundle's"] and rows[0]["error"] == (
+        pytest.approx(6.0)
+    )
     # a candidate's own overlay (path:overlay) replaces --overlay for it alone
     overlays = {}
 
@@ -152,7 +157,7 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
     Path("b.pt").write_bytes(b"weights b, retrained")  # its maps are stale now
     mapped = []
 
-    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None):
+    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, calibrate=False):
         mapped.append(name)
         return truth * 1.10, {}
 

@@ -191,10 +191,11 @@ def test_partial_volume_mixes_water_not_numbers():
     assert maps["T2"][0] == pytest.approx(water / (0.5 * 80 / 100 + 0.5 * 70 / 70))
 
 
-def _refinement_case(seed=0):
-    """True maps of WM/GM/CSF slabs, their gain-scaled images (little noise), a prior with 10 % random T1 errors."""
+def _refinement_case(seed=0, values=((800.0, 75.0, 70.0), (1400.0, 100.0, 82.0), (4000.0, 1500.0, 98.0))):
+    """True maps of WM/GM/CSF slabs (``values``), their gain-scaled images (little noise), a prior with 10 % random
+    T1 errors."""
     rng = np.random.default_rng(seed)
-    values = np.array([[800.0, 75.0, 70.0], [1400.0, 100.0, 82.0], [4000.0, 1500.0, 98.0]])
+    values = np.asarray(values)
     tissue = np.repeat(np.arange(3), [8, 8, 4])  # slabs along the first axis: neighbours share a tissue
     truth = np.broadcast_to(values[tissue].T[:, :, None, None], (3, 20, 10, 10)).astype(np.float32)
     protocol = np.array([[550.0, 10.0, 0.0], [5000.0, 100.0, 0.0], [9000.0, 120.0, 2500.0]])
@@ -223,6 +224,28 @@ def test_physics_refinement_recovers_tissue_t1_from_a_perturbed_prior():
     assert max(residual["refined"].values()) < 0.1
     off = PhysicsRefined(enabled=False)(data)
     assert off["refinement"] == {"enabled": False} and torch.equal(off["pred"], data["pred"])
+
+
+def test_calibration_recovers_gains_the_network_got_wrong():
+    """A prior that explains the images exactly, but under a T2w gain 12 % high and a FLAIR gain 8 % low (no
+    residual, WM T1 far off): the refinement alone keeps that calibration; with WM, GM and the ventricles' core
+    held to the tissue prior (values in the middle of their ranges) the gains and the maps come back."""
+    from scripts.phantom import TISSUE_RANGES
+
+    data, truth = _refinement_case(values=[[np.mean(r) for r in TISSUE_RANGES[t]] for t in (3, 2, 1)])
+    protocol = physics.normalize_parameters(data["params"].numpy(), inverse=True)
+    images = np.stack([data[f"{s}_grid"][0].numpy().reshape(-1) for s in physics.SERIES]).astype(np.float64)
+    wrong = np.array([20.0, 15.0 * 1.12, 30.0 * 0.92])
+    data["pred"] = torch.from_numpy(physics.fit_maps(images, protocol, wrong).reshape(truth.shape).astype(np.float32))
+    wm = truth[0] == truth[0].min()
+
+    def wm_t1_bias(out):
+        return 100 * (out["pred"][0].numpy()[wm].mean() / truth[0][wm].mean() - 1)
+
+    plain, calibrated = PhysicsRefined()(data), PhysicsRefined(calibrate=True)(data)
+    assert abs(wm_t1_bias(plain)) > 15 and "calibration" not in plain["refinement"]
+    assert abs(wm_t1_bias(calibrated)) < 3
+    assert calibrated["refinement"]["gains_per_pu"] == pytest.approx([20.0, 15.0, 30.0], rel=0.03)
 
 
 def test_mask_jitter_normalises_inside_a_grown_or_shrunk_mask_and_keeps_the_true_one():

@@ -79,11 +79,19 @@ def split_overlay(spec: str) -> tuple[str, str | None]:
 
 
 def network_maps(
-    name: str, checkpoint: str, overlay: str | None, refine: bool, study: Path, out: Path, prior_width=None
+    name: str,
+    checkpoint: str,
+    overlay: str | None,
+    refine: bool,
+    study: Path,
+    out: Path,
+    prior_width=None,
+    calibrate: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Run the README's inference command on ``study``; return the maps (3, ...) and the report.
 
-    ``prior_width`` (3,) overrides the refinement's ``refine_prior_width`` (None: the bundle's)."""
+    ``prior_width`` (3,) overrides the refinement's ``refine_prior_width`` (None: the bundle's); ``calibrate``
+    turns on its per-study gain calibration (``--refine_calibrate``)."""
     configs = ["train.json", *([overlay] if overlay else [])]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
            str(BUNDLE / "configs" / "inference.json"), "--study_dir", str(study / "dicom"), "--output_dir", str(out),
@@ -91,6 +99,8 @@ def network_maps(
            "--refine", str(refine).lower()]  # fmt: skip
     if prior_width is not None:
         cmd += ["--refine_prior_width", json.dumps(list(prior_width))]
+    if calibrate:
+        cmd += ["--refine_calibrate", "true"]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:

@@ -32,7 +32,8 @@ import json  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
-from scripts import physics  # noqa: E402
+from scripts import calibration, physics  # noqa: E402
+from scripts.calibration import CSF, GM, RATIOS, WM  # noqa: E402
 from scripts.phantom import TISSUE_RANGES  # noqa: E402
 
 #: Gain factors (T1w, T2w, FLAIR) tried: each series 10 % off either way, and all three together (PD scale).
@@ -46,9 +47,6 @@ FACTORS = (
     (1.0, 1.0, 0.9),
     (1.1, 1.1, 1.1),
 )
-#: Gain ratios T2w/T1w and FLAIR/T1w searched for plausible explanations: 0.61-1.65 in 0.8 % steps, 1 included.
-RATIOS = tuple(np.exp(np.linspace(-0.5, 0.5, 121)))
-CSF, GM, WM = 1, 2, 3
 TISSUES = (GM, WM)
 #: CSF-labelled voxels above this percentile of the true T1 stand for CSF itself. At 4-5 mm slices most
 #: CSF-labelled voxels are partial volume (median T1 ~2100 ms on philips-1 against 3300-4800 ms for CSF), so
@@ -123,23 +121,12 @@ def prior_calibration(values: dict[int, np.ndarray], params, tissues=TISSUES, ra
     bias span (min, max) and the best guess's bias (``T1_WM_guess``), %; no guess where nothing is plausible.
     """
     truth = np.stack([values[WM], values[GM]], axis=1)  # (maps, tissues)
-    a, b = np.meshgrid(np.asarray(ratios), np.asarray(ratios), indexing="ij")
-    factors = np.stack([np.ones(a.size), a.ravel(), b.ravel()])
-    images = physics.synthesize(truth, params)[:, :, None] / factors[:, None]  # fitted with gains 1
-    fitted = physics.fit_maps(images.reshape(3, -1), params, np.ones(3), iterations=30).reshape(images.shape)
-    plausible = np.ones(a.size, dtype=bool)
-    low, high = np.zeros(a.size), np.full(a.size, np.inf)  # common PD scales that keep WM and GM PD in range
-    for j, t in enumerate((WM, GM)):
-        for c, (lo, hi) in enumerate(TISSUE_RANGES[t][:2]):
-            plausible &= (fitted[c, j] >= lo) & (fitted[c, j] <= hi)
-        pd_range = TISSUE_RANGES[t][2]
-        low, high = np.maximum(low, fitted[2, j] / pd_range[1]), np.minimum(high, fitted[2, j] / pd_range[0])
-    plausible &= low <= high
-    if CSF in tissues:
-        plausible &= _csf_plausible(values[CSF], params, factors, low, high)
+    factors = calibration.ratio_factors(ratios)
+    signals = {t: physics.synthesize(values[t], params) for t in (WM, GM, *tissues)}  # at gains 1
+    plausible, fitted, low, high = calibration.explanations(signals, params, factors, tissues)
     out = {
         "plausible": int(plausible.sum()),
-        "of": a.size,
+        "of": factors.shape[1],
         "truth_plausible": all(
             lo <= values[t][c] <= hi for t in tissues for c, (lo, hi) in enumerate(TISSUE_RANGES[t])
         ),
@@ -156,23 +143,6 @@ def prior_calibration(values: dict[int, np.ndarray], params, tissues=TISSUES, ra
             out[f"{name}_{roi}"] = (float(bias.min()), float(bias.max()))
             out[f"{name}_{roi}_guess"] = float(100 * (guess[c, j] / truth[c, j] - 1))
     return out
-
-
-def _csf_plausible(csf, params, factors, low, high, tolerance: float = 0.01) -> np.ndarray:
-    """Which gain factor triples (3, G) explain pure CSF's T1w and T2w signals with values inside its ranges.
-
-    FLAIR is left out: CSF sits near its null, where a magnitude image holds mostly noise floor and the partial
-    volume of brighter tissue. Plausible when some (T1, T2) in CSF's ranges explains T1w to ``tolerance`` with
-    the PD that explains T2w, and a common PD scale in [``low``, ``high``] (WM's and GM's) puts that PD in range.
-    """
-    t1_range, t2_range, pd_range = TISSUE_RANGES[CSF]
-    t1, t2 = (g.ravel() for g in np.meshgrid(np.linspace(*t1_range, 60), np.linspace(*t2_range, 20), indexing="ij"))
-    shape_t1w, shape_t2w = (physics.signal(1.0, t1, t2, *params[k]) for k in (0, 1))
-    measured = physics.synthesize(csf, params)[:2, None] / factors[:2]  # (T1w T2w, G), with gains 1
-    pd = measured[1][:, None] / shape_t2w  # (G, candidates)
-    explains = np.abs(pd * shape_t1w / measured[0][:, None] - 1) < tolerance
-    in_range = np.maximum(low[:, None], pd / pd_range[1]) <= np.minimum(high[:, None], pd / pd_range[0])
-    return np.any(explains & in_range, axis=1)
 
 
 def main(argv=None) -> None:

@@ -23,6 +23,9 @@ The physics refinement's prior widths (``refine_prior_width`` in ``inference.jso
 network's maps may be off) are chosen the same way: each ``--prior-width`` is one candidate per checkpoint::
 
     python bundle/scripts/select_model.py bundle/models/model.pt --prior-width 1,1,1 --prior-width 0.1,0.3,0.03
+
+``--calibrate on`` maps with the refinement's per-study gain calibration (``--refine_calibrate true``),
+``--calibrate both`` ranks each candidate with and without it.
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ def selection_error(figures: dict[str, dict[str, float]]) -> float:
     return float(np.mean([(abs(f["WM_bias"]) + abs(f["GM_bias"])) / 2 + f["mpe"] for f in figures.values()]))
 
 
-def made_by(out: Path, sha256: str, refine: bool, prior_width) -> bool:
-    """Whether ``out`` holds maps of the weights with this SHA-256, with this refinement and prior width (3,)."""
+def made_by(out: Path, sha256: str, refine: bool, prior_width, calibrate: bool = False) -> bool:
+    """Whether ``out`` holds maps of the weights with this SHA-256, with this refinement, prior width (3,) and
+    gain calibration."""
     if not (out / "report.json").exists():
         return False
     report = json.loads((out / "report.json").read_text())
@@ -61,6 +65,7 @@ def made_by(out: Path, sha256: str, refine: bool, prior_width) -> bool:
         report["model"]["checkpoint_sha256"] == sha256
         and refinement["enabled"] == refine
         and (not refine or np.allclose(refinement["prior_width_log"], prior_width))
+        and ("calibration" in refinement) == (refine and calibrate)
     )
 
 
@@ -71,10 +76,14 @@ def rank(
     refine: bool = True,
     prior_widths=(None,),
     reuse: bool = False,
+    calibrations=(False,),
 ) -> list[dict]:
     """Score every candidate (checkpoint x refinement prior width; None: the bundle's) on every validation study.
 
     A candidate is a checkpoint path, or ``<path>:<overlay>`` with its own training-config overlay (else ``overlay``).
+
+    ``calibrations``: without (False) and/or with (True) the refinement's per-study gain calibration, each a
+    candidate (``--refine_calibrate``).
 
     ``reuse``: score the maps an earlier run left in ``work`` where they were made by the same weights and
     refinement (the code that made them is taken to be today's). Rows sorted by ``error`` (best first)."""
@@ -82,28 +91,29 @@ def rank(
     truths = {s.name: _truth(s) for s in studies}
     bundle_widths = json.loads((BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
     rows = []
-    pairs = [(c, w) for c in candidates for w in prior_widths]
-    for candidate, width in tqdm(pairs, desc="candidates", unit="candidate"):
+    pairs = [(c, w, cal) for c in candidates for w in prior_widths for cal in calibrations]
+    for candidate, width, calibrate in tqdm(pairs, desc="candidates", unit="candidate"):
         checkpoint, own_overlay = split_overlay(candidate)
         candidate_overlay = own_overlay or overlay
         name = os.path.relpath(checkpoint)
         label = "bundle's" if width is None else ",".join(f"{w:g}" for w in width)
         # report.json does not record the overlay: maps of the same weights under another overlay live apart
         folder = name.replace(os.sep, "_") + (f"_{Path(candidate_overlay).stem}" if candidate_overlay else "")
-        folder += "" if width is None else "_w" + label.replace(",", "_")
+        folder += ("" if width is None else "_w" + label.replace(",", "_")) + ("_calibrated" if calibrate else "")
         sha256 = file_sha256(checkpoint) if reuse else None
         per_study = []
         for study in studies:
             out = work / "maps" / folder / study.name
-            if reuse and made_by(out, sha256, refine, bundle_widths if width is None else width):
+            if reuse and made_by(out, sha256, refine, bundle_widths if width is None else width, calibrate):
                 maps, _ = read_maps(out)
             else:
                 maps, _ = network_maps(
-                    name, str(Path(checkpoint).resolve()), candidate_overlay, refine, study, out, width
+                    name, str(Path(checkpoint).resolve()), candidate_overlay, refine, study, out, width, calibrate
                 )
             per_study.append(score(maps, *truths[study.name]))
         errors = [selection_error(f) for f in per_study]
         suffix = f":{own_overlay}" if own_overlay else ""
+        label += " + calibration" if calibrate else ""
         row = {"checkpoint": name + suffix, "prior_width": label, "error": float(np.mean(errors))}
         for m in physics.MAPS:
             for key in ("WM_bias", "GM_bias", "mpe"):
@@ -136,11 +146,14 @@ def main(argv=None) -> None:
     parser.add_argument("--refine", choices=("true", "false"), default="true", help="physics refinement")
     parser.add_argument("--prior-width", action="append", type=_widths, metavar="T1,T2,PD",
                         help="refinement prior widths (log units), repeatable (default: the bundle's)")  # fmt: skip
+    parser.add_argument("--calibrate", choices=("off", "on", "both"), default="off",
+                        help="per-study gain calibration (both: each candidate with and without)")  # fmt: skip
     parser.add_argument("--reuse", action="store_true",
                         help="score maps an earlier run made with these weights and refinement")  # fmt: skip
     args = parser.parse_args(argv)
     widths = args.prior_width or (None,)
-    rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse)
+    calibrations = {"off": (False,), "on": (True,), "both": (False, True)}[args.calibrate]
+    rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations)
     args.work.mkdir(parents=True, exist_ok=True)
     with (args.work / "selection.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -21,7 +21,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform, ResampleToMatch
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 from monai.utils import convert_to_numpy, convert_to_tensor
-from scripts import phantom, physics
+from scripts import calibration, phantom, physics
 
 
 def _in_mask(mask) -> torch.Tensor:
@@ -456,6 +456,12 @@ class PhysicsRefined(MapTransform):
     brain voxel is fitted (``physics.fit_maps``) with the network's maps as the prior, ``prior_width`` wide
     in log units. Where the data are weak the prior holds the maps; elsewhere the images decide.
 
+    With ``calibrate``, step (1) is followed by a per-study calibration (``scripts.calibration``): the gain
+    ratios under which WM, GM and the ventricles' core (sampled by the network's T1) look like themselves
+    replace the network's, and the network's maps are re-explained under them (their noise-free re-synthesis
+    fitted with the new gains, exactly) before (3). A 2D network calibrates each slice on what the slice
+    holds; the gains belong to the whole series, and most slices hold no ventricle.
+
     Args:
         keys: the predicted (T1, T2, PD) maps in ms, ms, p.u., on the grid of ``image_keys``.
         image_keys: the T1w, T2w and FLAIR images on that grid, before any normalisation.
@@ -468,6 +474,8 @@ class PhysicsRefined(MapTransform):
         tissue_t1_ms: voxels whose network T1 is below this set the gains and noise (not CSF).
         iterations: Levenberg-Marquardt iterations from the prior.
         enabled: False passes the network's maps through unchanged (``info_key`` says so).
+        calibrate: calibrate the gains on the study's tissues (above); where no gains are plausible the
+            network's stay (``info_key`` says so).
     """
 
     def __init__(
@@ -481,9 +489,10 @@ class PhysicsRefined(MapTransform):
         tissue_t1_ms: float = 2000.0,
         iterations: int = 10,
         enabled: bool = True,
+        calibrate: bool = False,
     ) -> None:
         super().__init__(keys)
-        self.enabled = enabled
+        self.enabled, self.calibrate = enabled, calibrate
         self.image_keys, self.params_key, self.mask_key, self.info_key = (
             tuple(image_keys),
             params_key,
@@ -509,6 +518,13 @@ class PhysicsRefined(MapTransform):
         if tissue.sum() < 100:
             raise ValueError("PhysicsRefined: fewer than 100 tissue voxels to calibrate the series' gains on")
         gains = np.median(images[:, tissue] / synth[:, tissue], axis=1)
+        calibrated = None
+        if self.calibrate:
+            signals = calibration.tissue_signals(images / gains[:, None], prior[0])
+            if (calibrated := calibration.prior_gain_factors(signals, params)) is not None:
+                prior = physics.fit_maps(synth / calibrated[:, None], params, np.ones(3), prior=prior,
+                                         prior_width=(1e3,) * 3, noise=np.ones(3), iterations=20)  # fmt: skip
+                gains = gains * calibrated
         noise = np.array([_noise_sigma(convert_to_numpy(d[k])[0], inside) for k in self.image_keys]) / gains
         refined = physics.fit_maps(images, params, gains, prior=prior, prior_width=self.prior_width,
                                    noise=np.maximum(noise, 1e-6), iterations=self.iterations)  # fmt: skip
@@ -523,6 +539,7 @@ class PhysicsRefined(MapTransform):
         d[self.info_key] = {
             "enabled": True,
             "gains_per_pu": gains.round(6).tolist(),
+            **({"calibration": None if calibrated is None else calibrated.round(4).tolist()} if self.calibrate else {}),
             "prior_width_log": list(self.prior_width),
             "noise_pu": noise.round(6).tolist(),
             "median_change_in_tissue_pct": dict(zip(physics.MAPS, (100 * change).round(2).tolist(), strict=True)),

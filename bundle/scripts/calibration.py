@@ -1,0 +1,89 @@
+"""Receiver gains from the tissue prior: the gain ratios under which WM, GM and pure CSF look like themselves.
+
+Three weighted series give three equations per voxel for three unknowns, so with the receiver gains unknown
+every gain triple explains a study's images exactly with other maps (``scripts/gain_ambiguity.py``). Prior
+knowledge of tissue values picks among them: for gains ``(1, a, b)`` times a common factor, fit each
+tissue's signals and keep the explanations whose tissues lie inside ``phantom.TISSUE_RANGES`` (the prior
+every training head is drawn from); their mean is the prior's best guess. GM and WM are fitted from all
+three series; pure CSF (the ventricles' core) is read from T1w and T2w only: it sits near FLAIR's null, where
+a magnitude image holds mostly noise floor and the partial volume of brighter tissue.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scripts import physics
+from scripts.phantom import TISSUE_RANGES
+
+CSF, GM, WM = 1, 2, 3
+#: Gain ratios T2w/T1w and FLAIR/T1w searched: 0.61-1.65 in 0.8 % steps, 1 included.
+RATIOS = tuple(np.exp(np.linspace(-0.5, 0.5, 121)))
+#: Which voxels of a study sample each tissue: percentiles of the network's T1 inside the brain mask (WM's and
+#: GM's middles, CSF's top: the ventricles' core), chosen on the validation heads with ``scripts/select_model.py``.
+#: A tail of the histogram pulls a tissue's median toward its extreme (WM's lowest T1s read WM T1 high).
+TISSUE_PERCENTILES = {WM: (10.0, 25.0), GM: (55.0, 75.0), CSF: (99.8, 100.0)}
+
+
+def tissue_signals(images: np.ndarray, t1: np.ndarray, percentiles=TISSUE_PERCENTILES) -> dict[int, np.ndarray]:
+    """{label: (3,) median T1w, T2w, FLAIR signal} of ``images`` (3, N) over the voxels whose ``t1`` (N,) lies
+    between the tissue's ``percentiles``."""
+    out = {}
+    for label, (low, high) in percentiles.items():
+        lo, hi = np.percentile(t1, (low, high))
+        out[label] = np.median(images[:, (t1 >= lo) & (t1 <= hi)], axis=1)
+    return out
+
+
+def ratio_factors(ratios=RATIOS) -> np.ndarray:
+    """(3, G) gain factors (1, a, b) for T1w, T2w, FLAIR over every pair of ``ratios``."""
+    a, b = np.meshgrid(np.asarray(ratios, dtype=np.float64), np.asarray(ratios, dtype=np.float64), indexing="ij")
+    return np.stack([np.ones(a.size), a.ravel(), b.ravel()])
+
+
+def explanations(signals: dict[int, np.ndarray], params, factors: np.ndarray, tissues=(GM, WM)):
+    """Each tissue's values under every gain factor triple, and which triples keep ``tissues`` inside their ranges.
+
+    ``signals`` {label: (3,) T1w, T2w, FLAIR signal in p.u. at the current gains} for WM, GM (and CSF when in
+    ``tissues``); ``params`` (3, 3) the protocol; ``factors`` (3, G) gain factors (the signals are divided by
+    them). Returns ``plausible`` (G,), ``fitted`` (3 maps, WM GM, G) and the common PD scales [``low``,
+    ``high``] (G,) that put WM and GM PD inside their ranges (true PD = fitted PD / scale).
+    """
+    images = np.stack([signals[WM], signals[GM]], axis=1)[:, :, None] / factors[:, None]
+    fitted = physics.fit_maps(images.reshape(3, -1), params, np.ones(3), iterations=30).reshape(images.shape)
+    size = factors.shape[1]
+    plausible = np.ones(size, dtype=bool)
+    low, high = np.zeros(size), np.full(size, np.inf)
+    for j, t in enumerate((WM, GM)):
+        for c, (lo, hi) in enumerate(TISSUE_RANGES[t][:2]):
+            plausible &= (fitted[c, j] >= lo) & (fitted[c, j] <= hi)
+        pd_range = TISSUE_RANGES[t][2]
+        low, high = np.maximum(low, fitted[2, j] / pd_range[1]), np.minimum(high, fitted[2, j] / pd_range[0])
+    plausible &= low <= high
+    if CSF in tissues:
+        plausible &= _csf_plausible(signals[CSF], params, factors, low, high)
+    return plausible, fitted, low, high
+
+
+def prior_gain_factors(signals: dict[int, np.ndarray], params, tissues=(GM, WM, CSF), ratios=RATIOS):
+    """(3,) factors for the current gains that the prior finds most likely (mean log over the plausible
+    explanations, times the geometric middle of their common PD scales), or None if none is plausible."""
+    factors = ratio_factors(ratios)
+    plausible, _, low, high = explanations(signals, params, factors, tissues)
+    if not plausible.any():
+        return None
+    scale = np.exp(np.log(np.sqrt(low[plausible] * high[plausible])).mean())
+    return np.exp(np.log(factors[:, plausible]).mean(axis=1)) * scale
+
+
+def _csf_plausible(csf, params, factors, low, high, tolerance: float = 0.01) -> np.ndarray:
+    """Which gain factor triples (3, G) explain pure CSF's T1w and T2w signals with values inside its ranges:
+    some (T1, T2) in them explains T1w to ``tolerance`` with the PD that explains T2w, and a common PD scale in
+    [``low``, ``high``] (WM's and GM's) puts that PD in range."""
+    t1_range, t2_range, pd_range = TISSUE_RANGES[CSF]
+    t1, t2 = (g.ravel() for g in np.meshgrid(np.linspace(*t1_range, 60), np.linspace(*t2_range, 20), indexing="ij"))
+    shape_t1w, shape_t2w = (physics.signal(1.0, t1, t2, *params[k]) for k in (0, 1))
+    measured = np.asarray(csf, dtype=np.float64)[:2, None] / factors[:2]  # (T1w T2w, G)
+    pd = measured[1][:, None] / shape_t2w  # (G, candidates)
+    explains = np.abs(pd * shape_t1w / measured[0][:, None] - 1) < tolerance
+    in_range = np.maximum(low[:, None], pd / pd_range[1]) <= np.minimum(high[:, None], pd / pd_range[0])
+    return np.any(explains & in_range, axis=1)
