@@ -103,8 +103,8 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     monkeypatch.setattr(select_model, "VALIDATION_STUDIES", (("val-philips", "philips", 1),))
     factor = {("a.pt", None): 1.10, ("b.pt", None): 1.02, ("a.pt", (0.1, 0.3, 0.03)): 0.99}
 
-    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, calibrate=False):
-        return clinical_eval._truth(study)[0] * (1.03 if calibrate else factor[name, prior_width]), {}
+    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, calibrate=True):
+        return clinical_eval._truth(study)[0] * factor[name, prior_width] * (1.0 if calibrate else 1.1), {}
 
     monkeypatch.setattr(select_model, "network_maps", fake_network_maps)
     monkeypatch.chdir(tmp_path)
@@ -118,10 +118,9 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     assert [r["prior_width"] for r in rows] == ["0.1,0.3,0.03", "bundle's"] and rows[0]["error"] == pytest.approx(2.0)
     assert rows[0]["T1_WM_bias"] == pytest.approx(-1.0, abs=1e-3) and rows[0]["T1_WM_abs_bias"] == pytest.approx(1.0)
     # with and without the per-study gain calibration: one row each
-    rows = select_model.rank(["a.pt"], tmp_path, calibrations=(False, True))
-    assert [r["prior_width"] for r in rows] == ["bundle's + calibration", "bundle's"] and rows[0]["error"] == (
-        pytest.approx(6.0)
-    )
+    rows = select_model.rank(["b.pt"], tmp_path, calibrations=(False, True))
+    assert [r["prior_width"] for r in rows] == ["bundle's", "bundle's, no calibration"]
+    assert rows[1]["error"] == pytest.approx(2 * 12.2, abs=1e-3)  # 1.02 x 1.1: 12.2 % bias and MPE
     # a candidate's own overlay (path:overlay) replaces --overlay for it alone
     overlays = {}
 
@@ -152,12 +151,12 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
         for m, values in zip(physics.MAPS, truth * 1.02, strict=True):
             nib.save(nib.Nifti1Image(values, np.eye(4)), out / f"{m}_map.nii.gz")
         report = {"model": {"checkpoint_sha256": file_sha256(name)},
-                  "physics_refinement": {"enabled": True, "prior_width_log": widths}}  # fmt: skip
+                  "physics_refinement": {"enabled": True, "prior_width_log": widths, "calibration": None}}  # fmt: skip
         (out / "report.json").write_text(json.dumps(report))
     Path("b.pt").write_bytes(b"weights b, retrained")  # its maps are stale now
     mapped = []
 
-    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, calibrate=False):
+    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, calibrate=True):
         mapped.append(name)
         return truth * 1.10, {}
 

@@ -226,6 +226,25 @@ def test_physics_refinement_recovers_tissue_t1_from_a_perturbed_prior():
     assert off["refinement"] == {"enabled": False} and torch.equal(off["pred"], data["pred"])
 
 
+def test_level_correction_takes_each_level_from_the_images_and_the_detail_from_the_network():
+    """A network prior with GM's T1 8 % low and WM's PD 5 % high, and a fit under the right gains that is
+    right on average but 10 % noisy per voxel: each level's values come from the fit, the voxels' from the prior."""
+    from scripts.calibration import level_corrected
+
+    rng = np.random.default_rng(0)
+    tissue = np.repeat([0, 1], 20000)  # WM, GM
+    truth = np.array([[800.0, 1400.0], [75.0, 100.0], [70.0, 82.0]])[:, tissue]
+    truth *= 1 + 0.03 * np.sin(np.arange(tissue.size) / 50.0)  # detail within a tissue, which the prior has
+    prior = truth * np.array([[1.0, 0.92], [1.0, 1.0], [1.05, 1.0]])[:, tissue]
+    fitted = truth * np.exp(rng.normal(0.0, 0.1, truth.shape))
+    corrected = level_corrected(prior, fitted)
+    for level in (0, 1):
+        error = corrected[:, tissue == level] / truth[:, tissue == level] - 1
+        assert np.abs(error.mean(axis=1)).max() < 0.01  # the prior was off by 8 % and 5 %
+        assert error.std(axis=1).max() < 0.01  # the fit's 10 % noise stays out
+    assert level_corrected(prior, prior) == pytest.approx(prior)
+
+
 def test_calibration_recovers_gains_the_network_got_wrong():
     """A prior that explains the images exactly, but under a T2w gain 12 % high and a FLAIR gain 8 % low (no
     residual, WM T1 far off): the refinement alone keeps that calibration; with WM, GM and the ventricles' core
@@ -246,6 +265,13 @@ def test_calibration_recovers_gains_the_network_got_wrong():
     assert abs(wm_t1_bias(plain)) > 15 and "calibration" not in plain["refinement"]
     assert abs(wm_t1_bias(calibrated)) < 3
     assert calibrated["refinement"]["gains_per_pu"] == pytest.approx([20.0, 15.0, 30.0], rel=0.03)
+    # a protocol outside the training ranges keeps the network's gains, and says why
+    ranges = {s: dict(r) for s, r in physics.PROTOCOL_RANGES.items()}
+    ranges["FLAIR"]["TI"] = (1500.0, 2000.0)  # the case's TI is 2500 ms
+    guarded = PhysicsRefined(calibrate=True, ranges=ranges)(data)
+    assert guarded["refinement"]["calibration"] is None and "outside" in guarded["refinement"]["calibration_note"]
+    assert guarded["refinement"]["gains_per_pu"] == plain["refinement"]["gains_per_pu"]
+    assert wm_t1_bias(guarded) == pytest.approx(wm_t1_bias(plain))
 
 
 def test_mask_jitter_normalises_inside_a_grown_or_shrunk_mask_and_keeps_the_true_one():

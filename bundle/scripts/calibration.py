@@ -7,6 +7,9 @@ tissue's signals and keep the explanations whose tissues lie inside ``phantom.TI
 every training head is drawn from); their mean is the prior's best guess. GM and WM are fitted from all
 three series; pure CSF (the ventricles' core) is read from T1w and T2w only: it sits near FLAIR's null, where
 a magnitude image holds mostly noise floor and the partial volume of brighter tissue.
+
+Once the gains are calibrated, ``level_corrected`` moves the network's maps toward what the images say about
+each level of them (WM, GM, ...), which the refinement's prior then holds.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ RATIOS = tuple(np.exp(np.linspace(-0.5, 0.5, 121)))
 #: GM's middles, CSF's top: the ventricles' core), chosen on the validation heads with ``scripts/select_model.py``.
 #: A tail of the histogram pulls a tissue's median toward its extreme (WM's lowest T1s read WM T1 high).
 TISSUE_PERCENTILES = {WM: (10.0, 25.0), GM: (55.0, 75.0), CSF: (99.8, 100.0)}
+#: Levels of the network's T1 that ``level_corrected`` corrects separately (10-40 scored alike on the validation heads).
+LEVEL_BINS = 10
 
 
 def tissue_signals(images: np.ndarray, t1: np.ndarray, percentiles=TISSUE_PERCENTILES) -> dict[int, np.ndarray]:
@@ -73,6 +78,22 @@ def prior_gain_factors(signals: dict[int, np.ndarray], params, tissues=(GM, WM, 
         return None
     scale = np.exp(np.log(np.sqrt(low[plausible] * high[plausible])).mean())
     return np.exp(np.log(factors[:, plausible]).mean(axis=1)) * scale
+
+
+def level_corrected(prior: np.ndarray, fitted: np.ndarray, bins: int = LEVEL_BINS) -> np.ndarray:
+    """The network's maps ``prior`` (3, N) moved, level by level, to where the images put them (``fitted``, a
+    loosely held fit under calibrated gains): the median log ratio per bin of the network's T1 (equal counts),
+    interpolated in T1 and applied to every voxel of the level.
+
+    With the gains right the images fix each tissue's values, but a voxel's fit carries its noise; the network
+    has the spatial detail, but maps WM and GM with the contrast of its training prior. Medians over thousands of
+    voxels keep the images' values without their noise and leave the network's shape."""
+    ratio = np.log(np.maximum(fitted, 1e-6) / np.maximum(prior, 1e-6))
+    edges = np.percentile(prior[0], np.linspace(0.0, 100.0, bins + 1))
+    levels = [(prior[0] >= lo) & (prior[0] <= hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    centres = np.array([np.median(prior[0][level]) for level in levels])
+    shifts = np.stack([np.median(ratio[:, level], axis=1) for level in levels], axis=1)  # (3, bins)
+    return prior * np.exp(np.stack([np.interp(prior[0], centres, shift) for shift in shifts]))
 
 
 def _csf_plausible(csf, params, factors, low, high, tolerance: float = 0.01) -> np.ndarray:

@@ -86,21 +86,19 @@ def network_maps(
     study: Path,
     out: Path,
     prior_width=None,
-    calibrate: bool = False,
+    calibrate: bool = True,
 ) -> tuple[np.ndarray, dict]:
     """Run the README's inference command on ``study``; return the maps (3, ...) and the report.
 
     ``prior_width`` (3,) overrides the refinement's ``refine_prior_width`` (None: the bundle's); ``calibrate``
-    turns on its per-study gain calibration (``--refine_calibrate``)."""
+    False turns its per-study gain calibration off (``--refine_calibrate false``)."""
     configs = ["train.json", *([overlay] if overlay else [])]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
            str(BUNDLE / "configs" / "inference.json"), "--study_dir", str(study / "dicom"), "--output_dir", str(out),
            "--overwrite", "true", "--ckpt_path", checkpoint, "--training_configs", json.dumps(configs),
-           "--refine", str(refine).lower()]  # fmt: skip
+           "--refine", str(refine).lower(), "--refine_calibrate", str(calibrate).lower()]  # fmt: skip
     if prior_width is not None:
         cmd += ["--refine_prior_width", json.dumps(list(prior_width))]
-    if calibrate:
-        cmd += ["--refine_calibrate", "true"]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -205,7 +203,9 @@ def evaluate(models: dict, studies: list[Path], work: Path) -> tuple[list[dict],
         truth, labels = _truth(study)
         for method in [*models, *FITS, NETWORK_GRID]:
             if method in models:
-                maps, extra = network_maps(method, *models[method], study, work / "maps" / method / study.name)
+                checkpoint, overlay, refine, calibrate = models[method]
+                out = work / "maps" / method / study.name
+                maps, extra = network_maps(method, checkpoint, overlay, refine, study, out, calibrate=calibrate)
             elif method == NETWORK_GRID:
                 maps, extra = network_grid_truth(study, truth)
             else:
@@ -388,6 +388,13 @@ def main(argv=None) -> None:
         metavar="NAME",
         help="also map model NAME with --refine false, as 'NAME, no refinement'",
     )
+    parser.add_argument(
+        "--without-calibration",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also map model NAME with --refine_calibrate false, as 'NAME, no calibration'",
+    )
     parser.add_argument("--network-only", action="append", default=[], metavar="NAME=CHECKPOINT[:TRAINING_OVERLAY]",
                         help="a network mapped with --refine false only (network comparisons)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -397,9 +404,12 @@ def main(argv=None) -> None:
     for spec, refine in [(spec, True) for spec in args.model] + [(spec, False) for spec in args.network_only]:
         name, _, rest = spec.partition("=")
         checkpoint, overlay = split_overlay(rest)
-        models[name] = (str(Path(checkpoint).resolve()), overlay, refine)
+        checkpoint = str(Path(checkpoint).resolve())
+        models[name] = (checkpoint, overlay, refine, refine)
+        if name in args.without_calibration:
+            models[f"{name}, no calibration"] = (checkpoint, overlay, True, False)
         if name in args.without_refinement:
-            models[f"{name}, no refinement"] = (str(Path(checkpoint).resolve()), overlay, False)
+            models[f"{name}, no refinement"] = (checkpoint, overlay, False, False)
     if not (args.work / "studies" / "invariance").is_dir():
         write_evaluation_studies(args.work / "studies", args.fine_voxel)
     studies = [args.work / "studies" / study_id for study_id, _, _ in EVALUATION_STUDIES]
@@ -420,6 +430,7 @@ def main(argv=None) -> None:
     in_range = {s for s, family in FAMILY.items() if family != "out_of_range"}
     out_of_range = set(FAMILY) - in_range
     command = "python bundle/scripts/clinical_eval.py " + " ".join(f"--model '{m}'" for m in args.model)
+    command += "".join(f" --without-calibration '{name}'" for name in args.without_calibration)
     command += "".join(f" --without-refinement '{name}'" for name in args.without_refinement)
     command += "".join(f" --network-only '{spec}'" for spec in args.network_only)
     command += f" --docs {args.docs}" + (f" --metadata {args.metadata}" if args.metadata else "")
@@ -429,7 +440,8 @@ def main(argv=None) -> None:
         studies=", ".join(f"{s} ({FAMILY[s]})" for s in FAMILY),
         methods="\n".join(f"- *{name}*: `{os.path.relpath(ckpt)}`, training configs "
                           f"train.json{' + ' + overlay if overlay else ''}, physics refinement "
-                          f"{'on' if refine else 'off'}" for name, (ckpt, overlay, refine) in models.items()),
+                          f"{_refinement(refine, calibrate)}" for name, (ckpt, overlay, refine, calibrate)
+                          in models.items()),
         in_range="\n".join(accuracy_table(rows, in_range, methods)),
         out_of_range="\n".join(accuracy_table(rows, out_of_range, methods)),
         qa="\n".join(qa_table(rows, list(models))),
@@ -440,6 +452,10 @@ def main(argv=None) -> None:
     if args.metadata and models:
         _update_metadata(args.metadata, rows, next(iter(models)), in_range)
     print(text)
+
+
+def _refinement(refine: bool, calibrate: bool) -> str:
+    return ("on, gain calibration " + ("on" if calibrate else "off")) if refine else "off"
 
 
 def _update_metadata(path: Path, rows: list[dict], method: str, in_range: set[str]) -> None:

@@ -24,8 +24,8 @@ network's maps may be off) are chosen the same way: each ``--prior-width`` is on
 
     python bundle/scripts/select_model.py bundle/models/model.pt --prior-width 1,1,1 --prior-width 0.1,0.3,0.03
 
-``--calibrate on`` maps with the refinement's per-study gain calibration (``--refine_calibrate true``),
-``--calibrate both`` ranks each candidate with and without it.
+The refinement's per-study gain calibration is on, as in the bundle; ``--calibrate off`` maps without it
+(``--refine_calibrate false``), ``--calibrate both`` ranks each candidate with and without it.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def selection_error(figures: dict[str, dict[str, float]]) -> float:
     return float(np.mean([(abs(f["WM_bias"]) + abs(f["GM_bias"])) / 2 + f["mpe"] for f in figures.values()]))
 
 
-def made_by(out: Path, sha256: str, refine: bool, prior_width, calibrate: bool = False) -> bool:
+def made_by(out: Path, sha256: str, refine: bool, prior_width, calibrate: bool = True) -> bool:
     """Whether ``out`` holds maps of the weights with this SHA-256, with this refinement, prior width (3,) and
     gain calibration."""
     if not (out / "report.json").exists():
@@ -76,7 +76,7 @@ def rank(
     refine: bool = True,
     prior_widths=(None,),
     reuse: bool = False,
-    calibrations=(False,),
+    calibrations=(True,),
 ) -> list[dict]:
     """Score every candidate (checkpoint x refinement prior width; None: the bundle's) on every validation study.
 
@@ -99,7 +99,8 @@ def rank(
         label = "bundle's" if width is None else ",".join(f"{w:g}" for w in width)
         # report.json does not record the overlay: maps of the same weights under another overlay live apart
         folder = name.replace(os.sep, "_") + (f"_{Path(candidate_overlay).stem}" if candidate_overlay else "")
-        folder += ("" if width is None else "_w" + label.replace(",", "_")) + ("_calibrated" if calibrate else "")
+        folder += "" if width is None else "_w" + label.replace(",", "_")
+        folder += "" if calibrate or not refine else "_no_calibration"
         sha256 = file_sha256(checkpoint) if reuse else None
         per_study = []
         for study in studies:
@@ -113,7 +114,7 @@ def rank(
             per_study.append(score(maps, *truths[study.name]))
         errors = [selection_error(f) for f in per_study]
         suffix = f":{own_overlay}" if own_overlay else ""
-        label += " + calibration" if calibrate else ""
+        label += "" if calibrate or not refine else ", no calibration"
         row = {"checkpoint": name + suffix, "prior_width": label, "error": float(np.mean(errors))}
         for m in physics.MAPS:
             for key in ("WM_bias", "GM_bias", "mpe"):
@@ -146,7 +147,7 @@ def main(argv=None) -> None:
     parser.add_argument("--refine", choices=("true", "false"), default="true", help="physics refinement")
     parser.add_argument("--prior-width", action="append", type=_widths, metavar="T1,T2,PD",
                         help="refinement prior widths (log units), repeatable (default: the bundle's)")  # fmt: skip
-    parser.add_argument("--calibrate", choices=("off", "on", "both"), default="off",
+    parser.add_argument("--calibrate", choices=("off", "on", "both"), default="on",
                         help="per-study gain calibration (both: each candidate with and without)")  # fmt: skip
     parser.add_argument("--reuse", action="store_true",
                         help="score maps an earlier run made with these weights and refinement")  # fmt: skip

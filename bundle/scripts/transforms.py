@@ -459,8 +459,13 @@ class PhysicsRefined(MapTransform):
     With ``calibrate``, step (1) is followed by a per-study calibration (``scripts.calibration``): the gain
     ratios under which WM, GM and the ventricles' core (sampled by the network's T1) look like themselves
     replace the network's, and the network's maps are re-explained under them (their noise-free re-synthesis
-    fitted with the new gains, exactly) before (3). A 2D network calibrates each slice on what the slice
-    holds; the gains belong to the whole series, and most slices hold no ventricle.
+    fitted with the new gains, exactly), then moved level by level to what the images say about each level
+    (``calibration.level_corrected``: median log ratio of a loosely held fit, per bin of the network's T1)
+    before (3). A 2D network calibrates each slice on what the slice holds, while the gains belong to the
+    whole series and most slices hold no ventricle; and it maps WM and GM with its training prior's contrast.
+    Under a protocol outside the training ``ranges`` the network's maps, which pick the voxels each tissue is
+    sampled from, are the least reliable, and calibrating there made the evaluation's out-of-range studies
+    worse: the network's gains stay.
 
     Args:
         keys: the predicted (T1, T2, PD) maps in ms, ms, p.u., on the grid of ``image_keys``.
@@ -474,8 +479,9 @@ class PhysicsRefined(MapTransform):
         tissue_t1_ms: voxels whose network T1 is below this set the gains and noise (not CSF).
         iterations: Levenberg-Marquardt iterations from the prior.
         enabled: False passes the network's maps through unchanged (``info_key`` says so).
-        calibrate: calibrate the gains on the study's tissues (above); where no gains are plausible the
-            network's stay (``info_key`` says so).
+        calibrate: calibrate the gains on the study's tissues (above); where no gains are plausible or the
+            protocol is outside ``ranges`` the network's stay (``info_key`` says why).
+        ranges: the training protocol ranges (``physics.PROTOCOL_RANGES`` when None).
     """
 
     def __init__(
@@ -490,9 +496,10 @@ class PhysicsRefined(MapTransform):
         iterations: int = 10,
         enabled: bool = True,
         calibrate: bool = False,
+        ranges: dict | None = None,
     ) -> None:
         super().__init__(keys)
-        self.enabled, self.calibrate = enabled, calibrate
+        self.enabled, self.calibrate, self.ranges = enabled, calibrate, ranges
         self.image_keys, self.params_key, self.mask_key, self.info_key = (
             tuple(image_keys),
             params_key,
@@ -518,16 +525,25 @@ class PhysicsRefined(MapTransform):
         if tissue.sum() < 100:
             raise ValueError("PhysicsRefined: fewer than 100 tissue voxels to calibrate the series' gains on")
         gains = np.median(images[:, tissue] / synth[:, tissue], axis=1)
-        calibrated = None
-        if self.calibrate:
+        calibrated, calibration_note = None, None
+        if self.calibrate and physics.protocol_violations(params, self.ranges):
+            calibration_note = "protocol outside the training ranges: the network's gains kept"
+        elif self.calibrate:
             signals = calibration.tissue_signals(images / gains[:, None], prior[0])
-            if (calibrated := calibration.prior_gain_factors(signals, params)) is not None:
+            if (calibrated := calibration.prior_gain_factors(signals, params)) is None:
+                calibration_note = "no gains put WM, GM and CSF inside their ranges: the network's gains kept"
+            else:
                 prior = physics.fit_maps(synth / calibrated[:, None], params, np.ones(3), prior=prior,
                                          prior_width=(1e3,) * 3, noise=np.ones(3), iterations=20)  # fmt: skip
                 gains = gains * calibrated
         noise = np.array([_noise_sigma(convert_to_numpy(d[k])[0], inside) for k in self.image_keys]) / gains
-        refined = physics.fit_maps(images, params, gains, prior=prior, prior_width=self.prior_width,
-                                   noise=np.maximum(noise, 1e-6), iterations=self.iterations)  # fmt: skip
+        noise = np.maximum(noise, 1e-6)
+        if calibrated is not None:
+            loose = physics.fit_maps(images, params, gains, prior=prior, prior_width=(1.0,) * 3, noise=noise,
+                                     iterations=self.iterations)  # fmt: skip
+            prior = calibration.level_corrected(prior, loose)
+        refined = physics.fit_maps(images, params, gains, prior=prior, prior_width=self.prior_width, noise=noise,
+                                   iterations=self.iterations)  # fmt: skip
         out = maps.clone()
         out[:, torch.from_numpy(inside)] = torch.as_tensor(refined, dtype=out.dtype)
         d[key] = out
@@ -540,6 +556,7 @@ class PhysicsRefined(MapTransform):
             "enabled": True,
             "gains_per_pu": gains.round(6).tolist(),
             **({"calibration": None if calibrated is None else calibrated.round(4).tolist()} if self.calibrate else {}),
+            **({"calibration_note": calibration_note} if calibration_note else {}),
             "prior_width_log": list(self.prior_width),
             "noise_pu": noise.round(6).tolist(),
             "median_change_in_tissue_pct": dict(zip(physics.MAPS, (100 * change).round(2).tolist(), strict=True)),
