@@ -134,6 +134,18 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     assert [r["checkpoint"] for r in rows] == ["b.pt:train_paper.json", "a.pt"]
 
 
+def test_gain_ratio_errors_against_the_true_receiver_gains(tmp_path):
+    from scripts.select_model import gain_ratio_errors
+
+    (tmp_path / "truth").mkdir()
+    true = {"T1w": 200.0, "T2w": 50.0, "FLAIR": 8.0}
+    acquisition = {"series": {s: {"gain_counts_per_pu": g} for s, g in true.items()}}
+    (tmp_path / "truth" / "acquisition.json").write_text(json.dumps(acquisition))
+    report = {"physics_refinement": {"gains_per_pu": [2.0, 0.5 * 1.1, 0.08 * 0.95]}}  # a common factor is no error
+    assert gain_ratio_errors(report, tmp_path) == pytest.approx([10.0, 5.0])
+    assert np.isnan(gain_ratio_errors({"physics_refinement": {"enabled": False}}, tmp_path)).all()
+
+
 def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypatch):
     """--reuse scores maps left by an earlier run of these weights (report.json's SHA-256) and maps the rest."""
     from scripts import select_model

@@ -96,7 +96,7 @@ def level_corrected(prior: np.ndarray, fitted: np.ndarray, bins: int = LEVEL_BIN
     return prior * np.exp(np.stack([np.interp(prior[0], centres, shift) for shift in shifts]))
 
 
-def _csf_plausible(csf, params, factors, low, high, tolerance: float = 0.01) -> np.ndarray:
+def _csf_plausible(csf, params, factors, low, high, tolerance: float = 0.01, chunk: int = 1024) -> np.ndarray:
     """Which gain factor triples (3, G) explain pure CSF's T1w and T2w signals with values inside its ranges:
     some (T1, T2) in them explains T1w to ``tolerance`` with the PD that explains T2w, and a common PD scale in
     [``low``, ``high``] (WM's and GM's) puts that PD in range."""
@@ -104,7 +104,11 @@ def _csf_plausible(csf, params, factors, low, high, tolerance: float = 0.01) -> 
     t1, t2 = (g.ravel() for g in np.meshgrid(np.linspace(*t1_range, 60), np.linspace(*t2_range, 20), indexing="ij"))
     shape_t1w, shape_t2w = (physics.signal(1.0, t1, t2, *params[k]) for k in (0, 1))
     measured = np.asarray(csf, dtype=np.float64)[:2, None] / factors[:2]  # (T1w T2w, G)
-    pd = measured[1][:, None] / shape_t2w  # (G, candidates)
-    explains = np.abs(pd * shape_t1w / measured[0][:, None] - 1) < tolerance
-    in_range = np.maximum(low[:, None], pd / pd_range[1]) <= np.minimum(high[:, None], pd / pd_range[0])
-    return np.any(explains & in_range, axis=1)
+    plausible = np.zeros(factors.shape[1], dtype=bool)
+    for start in range(0, factors.shape[1], chunk):  # (chunk, candidates) arrays: a few MB, not a few hundred
+        part = slice(start, start + chunk)
+        pd = measured[1, part, None] / shape_t2w
+        explains = np.abs(pd * shape_t1w / measured[0, part, None] - 1) < tolerance
+        in_range = np.maximum(low[part, None], pd / pd_range[1]) <= np.minimum(high[part, None], pd / pd_range[0])
+        plausible[part] = np.any(explains & in_range, axis=1)
+    return plausible

@@ -54,6 +54,18 @@ def selection_error(figures: dict[str, dict[str, float]]) -> float:
     return float(np.mean([(abs(f["WM_bias"]) + abs(f["GM_bias"])) / 2 + f["mpe"] for f in figures.values()]))
 
 
+def gain_ratio_errors(report: dict, study: Path) -> np.ndarray:
+    """|error| (%) of the refinement's gain ratios T2w/T1w and FLAIR/T1w against the study's true receiver gains
+    (``truth/acquisition.json``): what the maps' calibration rests on. NaN where the maps were not refined."""
+    gains = report.get("physics_refinement", {}).get("gains_per_pu")
+    if gains is None:
+        return np.full(2, np.nan)
+    series = json.loads((study / "truth" / "acquisition.json").read_text())["series"]
+    true = np.array([series[s]["gain_counts_per_pu"] for s in physics.SERIES])
+    ratios = (np.asarray(gains) / gains[0]) / (true / true[0])
+    return 100 * np.abs(ratios[1:] - 1)
+
+
 def made_by(out: Path, sha256: str, refine: bool, prior_width, calibrate: bool = True) -> bool:
     """Whether ``out`` holds maps of the weights with this SHA-256, with this refinement, prior width (3,) and
     gain calibration."""
@@ -102,16 +114,17 @@ def rank(
         folder += "" if width is None else "_w" + label.replace(",", "_")
         folder += "" if calibrate or not refine else "_no_calibration"
         sha256 = file_sha256(checkpoint) if reuse else None
-        per_study = []
+        per_study, gain_errors = [], []
         for study in studies:
             out = work / "maps" / folder / study.name
             if reuse and made_by(out, sha256, refine, bundle_widths if width is None else width, calibrate):
-                maps, _ = read_maps(out)
+                maps, report = read_maps(out)
             else:
-                maps, _ = network_maps(
+                maps, report = network_maps(
                     name, str(Path(checkpoint).resolve()), candidate_overlay, refine, study, out, width, calibrate
                 )
             per_study.append(score(maps, *truths[study.name]))
+            gain_errors.append(gain_ratio_errors(report, study))
         errors = [selection_error(f) for f in per_study]
         suffix = f":{own_overlay}" if own_overlay else ""
         label += "" if calibrate or not refine else ", no calibration"
@@ -121,6 +134,8 @@ def rank(
                 row[f"{m}_{key}"] = float(np.mean([f[m][key] for f in per_study]))
             for roi in ("WM", "GM"):  # the signed mean hides heads off in opposite directions
                 row[f"{m}_{roi}_abs_bias"] = float(np.mean([abs(f[m][f"{roi}_bias"]) for f in per_study]))
+        if not np.isnan(gain_errors).all():
+            row |= dict(zip(("T2w_gain_ratio_abs_error", "FLAIR_gain_ratio_abs_error"), np.mean(gain_errors, axis=0)))
         row |= {f"error_{s.name}": e for s, e in zip(studies, errors, strict=True)}
         rows.append(row)
     rows.sort(key=lambda r: r["error"])
@@ -157,15 +172,18 @@ def main(argv=None) -> None:
     rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations)
     args.work.mkdir(parents=True, exist_ok=True)
     with (args.work / "selection.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
     maps = " | ".join(f"{m} WM / GM bias % (mean abs), MPE %" for m in physics.MAPS)
-    print(f"| checkpoint | prior width | error % | minus best's, paired ± s.e. | {maps} |")
-    print("|---|---|---|---|" + "---|" * len(physics.MAPS))
+    print(f"| checkpoint | prior width | error % | minus best's, paired ± s.e. | {maps} | gain ratio error "
+          "T2w / FLAIR % (mean abs) |")  # fmt: skip
+    print("|---|---|---|---|" + "---|" * (len(physics.MAPS) + 1))
     for r in rows:
         cells = [f"{r[f'{m}_WM_bias']:+.1f} / {r[f'{m}_GM_bias']:+.1f} ({r[f'{m}_WM_abs_bias']:.1f} / "
                  f"{r[f'{m}_GM_abs_bias']:.1f}), {r[f'{m}_mpe']:.1f}" for m in physics.MAPS]  # fmt: skip
+        cells.append(f"{r['T2w_gain_ratio_abs_error']:.1f} / {r['FLAIR_gain_ratio_abs_error']:.1f}"
+                     if "T2w_gain_ratio_abs_error" in r else "")  # fmt: skip
         paired = f"{r['vs_best']:+.2f} ± {r['vs_best_se']:.2f}"
         print(f"| {r['checkpoint']} | {r['prior_width']} | {r['error']:.2f} | {paired} | " + " | ".join(cells) + " |")
     print(f"best: {rows[0]['checkpoint']}, prior width {rows[0]['prior_width']}")
