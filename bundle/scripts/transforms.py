@@ -472,7 +472,7 @@ class PhysicsRefined(MapTransform):
         image_keys: the T1w, T2w and FLAIR images on that grid, before any normalisation.
         params_key: the protocol as the network saw it (``physics.PARAMETER_SCALE``).
         mask_key: voxels to refine (the brain mask).
-        info_key: where a summary for the report goes (gains, noise, median change per map).
+        info_key: where a summary for the report goes (gains, noise, median change per map from the network's).
         prior_width: (3,) prior standard deviations of log T1, log T2, log PD: how far the network's maps may be
             off (0.1 = 10 %). The bundle sets them in ``inference.json`` (``refine_prior_width``), chosen on
             clinical-like validation heads with ``scripts/select_model.py``; 1.0 lets the images decide.
@@ -516,7 +516,7 @@ class PhysicsRefined(MapTransform):
         (key,) = self.keys
         maps = convert_to_tensor(d[key], track_meta=True)
         inside = _in_mask(d[self.mask_key]).numpy()
-        prior = convert_to_numpy(maps, dtype=np.float64)[:, inside]
+        network = prior = convert_to_numpy(maps, dtype=np.float64)[:, inside]
         images = np.concatenate([convert_to_numpy(d[k], dtype=np.float64)[:, inside] for k in self.image_keys])
         params = physics.normalize_parameters(convert_to_numpy(d[self.params_key], dtype=np.float64), inverse=True)
         params = params.reshape(3, 3)
@@ -547,7 +547,7 @@ class PhysicsRefined(MapTransform):
         out = maps.clone()
         out[:, torch.from_numpy(inside)] = torch.as_tensor(refined, dtype=out.dtype)
         d[key] = out
-        change = np.median(np.abs(refined[:, tissue] / prior[:, tissue] - 1), axis=1)
+        change = np.median(np.abs(refined[:, tissue] / network[:, tissue] - 1), axis=1)
         residual = {
             "network": _residual_pct(synth, images),
             "refined": _residual_pct(physics.synthesize(refined, params), images),
