@@ -4,9 +4,9 @@ Three weighted series give three equations per voxel for three unknowns, so with
 every gain triple explains a study's images exactly with other maps (``scripts/gain_ambiguity.py``). Prior
 knowledge of tissue values picks among them: for gains ``(1, a, b)`` times a common factor, fit each
 tissue's signals and keep the explanations whose tissues lie inside ``phantom.TISSUE_RANGES`` (the prior
-every training head is drawn from); their posterior mean is the prior's best guess (``posterior``). GM and WM
-are fitted from all three series; pure CSF (the ventricles' core) is read from T1w and T2w only: it sits near
-FLAIR's null, where a magnitude image holds mostly noise floor and the partial volume of brighter tissue.
+every training head is drawn from); their mean is the prior's best guess. GM and WM are fitted from all
+three series; pure CSF (the ventricles' core) is read from T1w and T2w only: it sits near FLAIR's null, where
+a magnitude image holds mostly noise floor and the partial volume of brighter tissue.
 
 Once the gains are calibrated, ``level_corrected`` moves the network's maps toward what the images say about
 each level of them (WM, GM, ...), which the refinement's prior then holds.
@@ -69,41 +69,15 @@ def explanations(signals: dict[int, np.ndarray], params, factors: np.ndarray, ti
     return plausible, fitted, low, high
 
 
-def posterior(params, factors: np.ndarray, plausible, fitted, low, high) -> tuple[np.ndarray, np.ndarray]:
-    """How probable each explanation of ``explanations`` is, and the mean log of its common PD scale.
-
-    The signals of WM and GM are exact observations ``s = c (1, a, b) S(values)`` of uniformly distributed tissue
-    values, with the gain ratios ``a``, ``b`` and the common scale ``c`` log-uniform. Integrating the values out
-    leaves, per explanation, ``1 / |det ds/dvalues|`` per tissue: ``1 / (c a b |det J|)`` with ``J`` the signals'
-    Jacobian at the values fitted at ``c = 1`` (``physics.signal_jacobian``); with the prior's ``1 / c``, the
-    scale's density is ``c^-3`` on [``low``, ``high``]. An explanation under which a small change of the
-    tissues' values would move the signals a lot, or that leaves little room for the PD scale, explains the
-    signals by coincidence: it weighs little. Pure CSF only rules explanations out.
-
-    Returns ``weights`` (G,), summing to 1 over ``plausible`` (zero elsewhere), and ``log_scale`` (G,), the
-    posterior mean of log ``c`` of each explanation.
-    """
-    weights = np.where(plausible, 1.0 / (factors[1] * factors[2]) ** 2, 0.0)
-    for j in range(fitted.shape[1]):
-        jacobians = physics.signal_jacobian(np.clip(fitted[:, j], 1e-6, None), params)
-        weights /= np.maximum(np.abs(np.linalg.det(jacobians)), 1e-300)
-    low, high = np.maximum(low, 1e-12), np.maximum(high, low)
-    mass = (low**-2.0 - high**-2.0) / 2  # integral of c^-3
-    moment = (np.log(low) / 2 + 0.25) / low**2 - (np.log(high) / 2 + 0.25) / high**2  # of log(c) c^-3
-    weights *= mass
-    log_scale = np.divide(moment, mass, out=np.log(np.sqrt(low * high)), where=mass > 0)
-    return weights / weights.sum() if weights.sum() > 0 else weights, log_scale
-
-
 def prior_gain_factors(signals: dict[int, np.ndarray], params, tissues=(GM, WM, CSF), ratios=RATIOS):
-    """(3,) factors for the current gains that the prior finds most likely (the posterior mean of their logs,
-    ``posterior``), or None if no explanation is plausible."""
+    """(3,) factors for the current gains that the prior finds most likely (mean log over the plausible
+    explanations, times the geometric middle of their common PD scales), or None if none is plausible."""
     factors = ratio_factors(ratios)
-    plausible, fitted, low, high = explanations(signals, params, factors, tissues)
-    weights, log_scale = posterior(params, factors, plausible, fitted, low, high)
-    if not weights.any():
+    plausible, _, low, high = explanations(signals, params, factors, tissues)
+    if not plausible.any():
         return None
-    return np.exp(np.log(factors) @ weights + log_scale @ weights)
+    scale = np.exp(np.log(np.sqrt(low[plausible] * high[plausible])).mean())
+    return np.exp(np.log(factors[:, plausible]).mean(axis=1)) * scale
 
 
 def level_corrected(prior: np.ndarray, fitted: np.ndarray, bins: int = LEVEL_BINS) -> np.ndarray:

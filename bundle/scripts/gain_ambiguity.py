@@ -112,9 +112,10 @@ def prior_calibration(values: dict[int, np.ndarray], params, tissues=TISSUES, ra
     represented by its true ``values`` ({label: (T1, T2, PD)}, e.g. ``tissue_values``). An explanation is
     plausible when T1 and T2 of every tissue in ``tissues`` lie inside ``phantom.TISSUE_RANGES`` (the prior
     every training and test head is drawn from) and some common scale puts every PD inside too. The prior's
-    best guess is the posterior mean of the log-maps over the plausible explanations
-    (``calibration.posterior``): about what a method without the gains can reach on average with this prior,
-    an ideal observer that reads each tissue's exact values; on one head it may land anywhere in the span.
+    best guess is the mean log-maps over the plausible explanations (a uniform prior over the gain ratios;
+    PD at the geometric middle of its scales): about what a method without the gains can reach on average
+    with this prior, an ideal observer that reads each tissue's exact values; on one head it may land
+    anywhere in the span.
 
     Returns the plausible count, whether the truth is plausible, and per map and ROI (``T1_WM``, ...) the
     bias span (min, max) and the best guess's bias (``T1_WM_guess``), %; no guess where nothing is plausible.
@@ -132,10 +133,9 @@ def prior_calibration(values: dict[int, np.ndarray], params, tissues=TISSUES, ra
     }
     if not plausible.any():
         return out
-    weights, log_scale = calibration.posterior(params, factors, plausible, fitted, low, high)
-    guess = np.exp(np.log(np.clip(fitted, 1e-6, None)) @ weights)
-    guess[2] /= np.exp(log_scale @ weights)
     kept, low, high = fitted[:, :, plausible], low[plausible], high[plausible]
+    guess = np.exp(np.log(kept).mean(axis=2))
+    guess[2] /= np.exp(np.log(np.sqrt(low * high)).mean())
     for c, name in enumerate(physics.MAPS):
         for j, roi in enumerate(("WM", "GM")):
             scaled = [kept[c, j] / s for s in ((low, high) if name == "PD" else (1.0,))]

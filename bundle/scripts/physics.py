@@ -77,14 +77,6 @@ def synthesize(maps, protocol):
     return stack([signal(pd, t1, t2, *(float(v) for v in row)) for row in protocol])
 
 
-def signal_jacobian(maps: np.ndarray, protocol) -> np.ndarray:
-    """(N, 3 series, 3 maps) derivatives of the weighted signals (``SERIES``) with respect to T1, T2 and PD
-    (``MAPS``; per ms, ms, p.u.) at ``maps`` (3, N), under ``protocol`` (3, 3) TR/TE/TI rows (ms)."""
-    maps = np.asarray(maps, dtype=np.float64)
-    _, d_log = _model(torch.from_numpy(np.log(maps)), torch.as_tensor(np.asarray(protocol, dtype=np.float64)))
-    return d_log.numpy().transpose(2, 0, 1) / maps.T[:, None, :]
-
-
 def least_squares_gains(synth, images):
     """Per series, the receiver gain ``g`` that fits ``g * synth`` best to ``images`` (both (3, N) voxels): (3,).
 
