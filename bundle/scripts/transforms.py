@@ -525,23 +525,12 @@ class PhysicsRefined(MapTransform):
         if tissue.sum() < 100:
             raise ValueError("PhysicsRefined: fewer than 100 tissue voxels to calibrate the series' gains on")
         gains = np.median(images[:, tissue] / synth[:, tissue], axis=1)
+        noise_counts = np.array([_noise_sigma(convert_to_numpy(d[k])[0], inside) for k in self.image_keys])
         calibrated, calibration_note = None, None
-        if self.calibrate and physics.protocol_violations(params, self.ranges):
-            calibration_note = "protocol outside the training ranges: the network's gains kept"
-        elif self.calibrate:
-            signals = calibration.tissue_signals(images / gains[:, None], prior[0])
-            if (calibrated := calibration.prior_gain_factors(signals, params)) is None:
-                calibration_note = "no gains put WM, GM and CSF inside their ranges: the network's gains kept"
-            else:
-                prior = physics.fit_maps(synth / calibrated[:, None], params, np.ones(3), prior=prior,
-                                         prior_width=(1e3,) * 3, noise=np.ones(3), iterations=20)  # fmt: skip
-                gains = gains * calibrated
-        noise = np.array([_noise_sigma(convert_to_numpy(d[k])[0], inside) for k in self.image_keys]) / gains
-        noise = np.maximum(noise, 1e-6)
-        if calibrated is not None:
-            loose = physics.fit_maps(images, params, gains, prior=prior, prior_width=(1.0,) * 3, noise=noise,
-                                     iterations=self.iterations)  # fmt: skip
-            prior = calibration.level_corrected(prior, loose)
+        if self.calibrate:
+            prior, gains, calibrated, calibration_note = self._calibrated(prior, synth, images, gains, noise_counts,
+                                                                          params)  # fmt: skip
+        noise = np.maximum(noise_counts / gains, 1e-6)
         refined = physics.fit_maps(images, params, gains, prior=prior, prior_width=self.prior_width, noise=noise,
                                    iterations=self.iterations)  # fmt: skip
         out = maps.clone()
@@ -563,6 +552,21 @@ class PhysicsRefined(MapTransform):
             "residual_pct": residual,
         }
         return d
+
+    def _calibrated(self, prior, synth, images, gains, noise_counts, params):
+        """The per-study gain calibration (class docstring): (prior, gains, factors, note) for the refinement,
+        the network's prior and gains with factors None and a note saying why where it does not apply."""
+        if physics.protocol_violations(params, self.ranges):
+            return prior, gains, None, "protocol outside the training ranges: the network's gains kept"
+        signals = calibration.tissue_signals(images / gains[:, None], prior[0])
+        if (factors := calibration.prior_gain_factors(signals, params)) is None:
+            return prior, gains, None, "no gains put WM, GM and CSF inside their ranges: the network's gains kept"
+        gains = gains * factors
+        explained = physics.fit_maps(synth / factors[:, None], params, np.ones(3), prior=prior,
+                                     prior_width=(1e3,) * 3, noise=np.ones(3), iterations=20)  # fmt: skip
+        loose = physics.fit_maps(images, params, gains, prior=explained, prior_width=(1.0,) * 3,
+                                 noise=np.maximum(noise_counts / gains, 1e-6), iterations=self.iterations)  # fmt: skip
+        return calibration.level_corrected(explained, loose), gains, factors, None
 
 
 def _residual_pct(synth: np.ndarray, images: np.ndarray) -> dict[str, float]:
