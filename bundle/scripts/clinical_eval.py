@@ -405,7 +405,7 @@ def main(argv=None) -> None:
         name, _, rest = spec.partition("=")
         checkpoint, overlay = split_overlay(rest)
         checkpoint = str(Path(checkpoint).resolve())
-        models[name] = (checkpoint, overlay, refine, refine)
+        models[name] = (checkpoint, overlay, refine, refine)  # calibrated where refined, as the bundle does
         if name in args.without_calibration:
             models[f"{name}, no calibration"] = (checkpoint, overlay, True, False)
         if name in args.without_refinement:
