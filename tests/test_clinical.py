@@ -42,6 +42,7 @@ def test_study_reads_back_as_acquired(study):
         series = chosen[name]
         assert [series.tr, series.te, series.ti] == pytest.approx(row)
         assert list(series.volume.shape) == acquisition["series"][name]["shape"]
+        assert series.slice_thickness == pytest.approx(acquisition["series"][name]["slice_thickness_mm"])
         np.testing.assert_allclose(series.affine, acquisition["series"][name]["affine"], atol=1e-3)
     assert chosen["T1w"].affine[2, 2] < np.linalg.norm(chosen["T1w"].affine[:3, 2])  # oblique slices
     assert chosen["T1w"].volume.shape != chosen["FLAIR"].volume.shape  # a matrix of its own per series
@@ -103,8 +104,10 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     monkeypatch.setattr(select_model, "VALIDATION_STUDIES", (("val-philips", "philips", 1),))
     factor = {("a.pt", None): 1.10, ("b.pt", None): 1.02, ("a.pt", (0.1, 0.3, 0.03)): 0.99}
 
-    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, calibrate=True):
-        return clinical_eval._truth(study)[0] * factor[name, prior_width] * (1.0 if calibrate else 1.1), {}
+    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, flags=None):
+        scale = 1.0 if flags["refine_calibrate"] else 1.1
+        scale *= 1.0 if flags["refine_partial_volume"] else 0.95
+        return clinical_eval._truth(study)[0] * factor[name, prior_width] * scale, {}
 
     monkeypatch.setattr(select_model, "network_maps", fake_network_maps)
     monkeypatch.chdir(tmp_path)
@@ -121,6 +124,9 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     rows = select_model.rank(["b.pt"], tmp_path, calibrations=(False, True))
     assert [r["prior_width"] for r in rows] == ["bundle's", "bundle's, no calibration"]
     assert rows[1]["error"] == pytest.approx(2 * 12.2, abs=1e-3)  # 1.02 x 1.1: 12.2 % bias and MPE
+    # and without the partial-volume model: its own label (and maps folder)
+    (row,) = select_model.rank(["b.pt"], tmp_path, partial_volumes=(False,))
+    assert row["prior_width"] == "bundle's, no partial volume" and row["error"] == pytest.approx(2 * 3.1, abs=1e-3)
     # a candidate's own overlay (path:overlay) replaces --overlay for it alone
     overlays = {}
 
@@ -163,12 +169,13 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
         for m, values in zip(physics.MAPS, truth * 1.02, strict=True):
             nib.save(nib.Nifti1Image(values, np.eye(4)), out / f"{m}_map.nii.gz")
         report = {"model": {"checkpoint_sha256": file_sha256(name)},
-                  "physics_refinement": {"enabled": True, "prior_width_log": widths, "calibration": None}}  # fmt: skip
+                  "physics_refinement": {"enabled": True, "prior_width_log": widths, "calibration": None,
+                                         "partial_volume": True}}  # fmt: skip
         (out / "report.json").write_text(json.dumps(report))
     Path("b.pt").write_bytes(b"weights b, retrained")  # its maps are stale now
     mapped = []
 
-    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, calibrate=True):
+    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, flags=None):
         mapped.append(name)
         return truth * 1.10, {}
 

@@ -86,17 +86,19 @@ def network_maps(
     study: Path,
     out: Path,
     prior_width=None,
-    calibrate: bool = True,
+    flags: dict[str, bool] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Run the README's inference command on ``study``; return the maps (3, ...) and the report.
 
-    ``prior_width`` (3,) overrides the refinement's ``refine_prior_width`` (None: the bundle's); ``calibrate``
-    False turns its per-study gain calibration off (``--refine_calibrate false``)."""
+    ``prior_width`` (3,) overrides the refinement's ``refine_prior_width`` (None: the bundle's); ``flags`` set
+    the refinement's switches (e.g. ``{"refine_calibrate": False}``: ``--refine_calibrate false``)."""
     configs = ["train.json", *([overlay] if overlay else [])]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
            str(BUNDLE / "configs" / "inference.json"), "--study_dir", str(study / "dicom"), "--output_dir", str(out),
            "--overwrite", "true", "--ckpt_path", checkpoint, "--training_configs", json.dumps(configs),
-           "--refine", str(refine).lower(), "--refine_calibrate", str(calibrate).lower()]  # fmt: skip
+           "--refine", str(refine).lower()]  # fmt: skip
+    for flag, value in (flags or {}).items():
+        cmd += [f"--{flag}", str(value).lower()]
     if prior_width is not None:
         cmd += ["--refine_prior_width", json.dumps(list(prior_width))]
     start = time.perf_counter()
@@ -203,9 +205,9 @@ def evaluate(models: dict, studies: list[Path], work: Path) -> tuple[list[dict],
         truth, labels = _truth(study)
         for method in [*models, *FITS, NETWORK_GRID]:
             if method in models:
-                checkpoint, overlay, refine, calibrate = models[method]
+                checkpoint, overlay, refine, flags = models[method]
                 out = work / "maps" / method / study.name
-                maps, extra = network_maps(method, checkpoint, overlay, refine, study, out, calibrate=calibrate)
+                maps, extra = network_maps(method, checkpoint, overlay, refine, study, out, flags=flags)
             elif method == NETWORK_GRID:
                 maps, extra = network_grid_truth(study, truth)
             else:
@@ -395,6 +397,13 @@ def main(argv=None) -> None:
         metavar="NAME",
         help="also map model NAME with --refine_calibrate false, as 'NAME, no calibration'",
     )
+    parser.add_argument(
+        "--without-partial-volume",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also map model NAME with --refine_partial_volume false, as 'NAME, no partial volume'",
+    )
     parser.add_argument("--network-only", action="append", default=[], metavar="NAME=CHECKPOINT[:TRAINING_OVERLAY]",
                         help="a network mapped with --refine false only (network comparisons)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -405,11 +414,13 @@ def main(argv=None) -> None:
         name, _, rest = spec.partition("=")
         checkpoint, overlay = split_overlay(rest)
         checkpoint = str(Path(checkpoint).resolve())
-        models[name] = (checkpoint, overlay, refine, refine)  # calibrated where refined, as the bundle does
+        models[name] = (checkpoint, overlay, refine, {})  # the bundle's refinement switches
         if name in args.without_calibration:
-            models[f"{name}, no calibration"] = (checkpoint, overlay, True, False)
+            models[f"{name}, no calibration"] = (checkpoint, overlay, True, {"refine_calibrate": False})
+        if name in args.without_partial_volume:
+            models[f"{name}, no partial volume"] = (checkpoint, overlay, True, {"refine_partial_volume": False})
         if name in args.without_refinement:
-            models[f"{name}, no refinement"] = (checkpoint, overlay, False, False)
+            models[f"{name}, no refinement"] = (checkpoint, overlay, False, {})
     if not (args.work / "studies" / "invariance").is_dir():
         write_evaluation_studies(args.work / "studies", args.fine_voxel)
     studies = [args.work / "studies" / study_id for study_id, _, _ in EVALUATION_STUDIES]
@@ -431,6 +442,7 @@ def main(argv=None) -> None:
     out_of_range = set(FAMILY) - in_range
     command = "python bundle/scripts/clinical_eval.py " + " ".join(f"--model '{m}'" for m in args.model)
     command += "".join(f" --without-calibration '{name}'" for name in args.without_calibration)
+    command += "".join(f" --without-partial-volume '{name}'" for name in args.without_partial_volume)
     command += "".join(f" --without-refinement '{name}'" for name in args.without_refinement)
     command += "".join(f" --network-only '{spec}'" for spec in args.network_only)
     command += f" --docs {args.docs}" + (f" --metadata {args.metadata}" if args.metadata else "")
@@ -440,7 +452,7 @@ def main(argv=None) -> None:
         studies=", ".join(f"{s} ({FAMILY[s]})" for s in FAMILY),
         methods="\n".join(f"- *{name}*: `{os.path.relpath(ckpt)}`, training configs "
                           f"train.json{' + ' + overlay if overlay else ''}, physics refinement "
-                          f"{_refinement(refine, calibrate)}" for name, (ckpt, overlay, refine, calibrate)
+                          f"{_refinement(refine, flags)}" for name, (ckpt, overlay, refine, flags)
                           in models.items()),
         in_range="\n".join(accuracy_table(rows, in_range, methods)),
         out_of_range="\n".join(accuracy_table(rows, out_of_range, methods)),
@@ -454,8 +466,10 @@ def main(argv=None) -> None:
     print(text)
 
 
-def _refinement(refine: bool, calibrate: bool) -> str:
-    return ("on, gain calibration " + ("on" if calibrate else "off")) if refine else "off"
+def _refinement(refine: bool, flags: dict[str, bool]) -> str:
+    if not refine:
+        return "off"
+    return "on" + "".join(f", `--{flag} {str(value).lower()}`" for flag, value in flags.items())
 
 
 def _update_metadata(path: Path, rows: list[dict], method: str, in_range: set[str]) -> None:

@@ -48,8 +48,8 @@ from dataclasses import dataclass  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy import ndimage  # noqa: E402
 from scripts import physics  # noqa: E402
+from scripts.partial_volume import slab_means  # noqa: E402
 from scripts.phantom import BRAIN_LABELS, make_subject, rotation, write_subject  # noqa: E402
 from scripts.study import Study, write_classic_mr_series, write_enhanced_mr_series  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -133,7 +133,6 @@ VALIDATION_STUDIES = (
 
 _MATRIX = {"T1w": (256, 320), "T2w": (320, 384), "FLAIR": (224, 256)}
 _DESCRIPTIONS = {"T1w": "T1W_TSE_TRA", "T2w": "T2W_TSE_TRA", "FLAIR": "T2W_FLAIR_TRA"}
-_SLICE_PROFILE = np.linspace(-3, 3, 7) / 7  # sample offsets across a slice, in units of its thickness
 _SNR_RANGE = (20.0, 60.0)
 
 
@@ -202,15 +201,7 @@ def _grid(rng, subject, series: str, tilt_deg: float, fine_voxel: float) -> dict
 
 def _sample(volume: np.ndarray, fine_affine, grid: dict, order: int = 1) -> np.ndarray:
     """Mean of ``volume`` (fine grid) over each voxel's slice profile; order 0: the value at its centre."""
-    to_fine = np.linalg.inv(fine_affine) @ grid["affine"]
-    index = np.indices(grid["shape"], dtype=np.float32).reshape(3, -1)
-    normal = to_fine[:3, 2] / np.linalg.norm(grid["affine"][:3, 2]) * grid["thickness"]
-    centres = to_fine[:3, :3] @ index + to_fine[:3, 3:4]
-    offsets = _SLICE_PROFILE if order else [0.0]
-    total = np.zeros(index.shape[1], dtype=np.float32)
-    for t in offsets:
-        total += ndimage.map_coordinates(volume, centres + t * normal[:, None], order=order, mode="constant")
-    return (total / len(offsets)).reshape(grid["shape"])
+    return slab_means(volume, fine_affine, grid["affine"], grid["shape"], grid["thickness"], order)
 
 
 def _write_acquisition(folder, subject, bias, geometry, snr, protocol, rng, seed, overwrite) -> Path:
@@ -236,7 +227,8 @@ def _write_acquisition(folder, subject, bias, geometry, snr, protocol, rng, seed
             gain = min(float(rng.uniform(5.0, 30.0)), 4000.0 / float(noisy.max()))
         series_dir = dicom_root / f"{rng.integers(1e6):06d}"
         options = {"study": study, "series_number": number, "series_description": _DESCRIPTIONS[name],
-                   "tr": tr, "te": te, "ti": ti, "slope": None if protocol.rescaled else 1.0}  # fmt: skip
+                   "tr": tr, "te": te, "ti": ti, "slope": None if protocol.rescaled else 1.0,
+                   "slice_thickness": grid["thickness"]}  # fmt: skip
         if protocol.enhanced:
             written = [write_enhanced_mr_series(gain * noisy, grid["affine"], series_dir, **options)]
         else:

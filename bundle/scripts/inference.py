@@ -92,9 +92,14 @@ class StudyInputs:
             LOG.warning(warning)
 
     def data(self) -> list[dict]:
-        """One MONAI data dict: the three volumes (channel-first MetaTensors with RAS affines) and the protocol."""
+        """One MONAI data dict: the three volumes (channel-first MetaTensors with RAS affines and their series'
+        ``slice_thickness``, 0 where unknown) and the protocol."""
         item = {
-            name: MetaTensor(series.volume[None], affine=torch.as_tensor(series.affine, dtype=torch.float64))
+            name: MetaTensor(
+                series.volume[None],
+                affine=torch.as_tensor(series.affine, dtype=torch.float64),
+                meta={"slice_thickness": series.slice_thickness or 0.0},
+            )
             for name, series in self.chosen.items()
         }
         item["params"] = torch.as_tensor(self.protocol, dtype=torch.float32)

@@ -25,7 +25,8 @@ network's maps may be off) are chosen the same way: each ``--prior-width`` is on
     python bundle/scripts/select_model.py bundle/models/model.pt --prior-width 1,1,1 --prior-width 0.1,0.3,0.03
 
 The refinement's per-study gain calibration is on, as in the bundle; ``--calibrate off`` maps without it
-(``--refine_calibrate false``), ``--calibrate both`` ranks each candidate with and without it.
+(``--refine_calibrate false``), ``--calibrate both`` ranks each candidate with and without it; likewise
+``--partial-volume off|both`` for fitting T2w and FLAIR as acquired on their own grids.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ if not __package__:  # run as a file: import the bundle's ``scripts`` package in
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 
@@ -66,9 +68,11 @@ def gain_ratio_errors(report: dict, study: Path) -> np.ndarray:
     return 100 * np.abs(ratios[1:] - 1)
 
 
-def made_by(out: Path, sha256: str, refine: bool, prior_width, calibrate: bool = True) -> bool:
-    """Whether ``out`` holds maps of the weights with this SHA-256, with this refinement, prior width (3,) and
-    gain calibration."""
+def made_by(
+    out: Path, sha256: str, refine: bool, prior_width, calibrate: bool = True, partial_volume: bool = True
+) -> bool:
+    """Whether ``out`` holds maps of the weights with this SHA-256, with this refinement, prior width (3,), gain
+    calibration and partial-volume model."""
     if not (out / "report.json").exists():
         return False
     report = json.loads((out / "report.json").read_text())
@@ -78,6 +82,7 @@ def made_by(out: Path, sha256: str, refine: bool, prior_width, calibrate: bool =
         and refinement["enabled"] == refine
         and (not refine or np.allclose(refinement["prior_width_log"], prior_width))
         and ("calibration" in refinement) == (refine and calibrate)
+        and refinement.get("partial_volume", False) == (refine and partial_volume)
     )
 
 
@@ -89,13 +94,15 @@ def rank(
     prior_widths=(None,),
     reuse: bool = False,
     calibrations=(True,),
+    partial_volumes=(True,),
 ) -> list[dict]:
     """Score every candidate (checkpoint x refinement prior width; None: the bundle's) on every validation study.
 
     A candidate is a checkpoint path, or ``<path>:<overlay>`` with its own training-config overlay (else ``overlay``).
 
     ``calibrations``: without (False) and/or with (True) the refinement's per-study gain calibration, each a
-    candidate (``--refine_calibrate``).
+    candidate (``--refine_calibrate``); ``partial_volumes`` likewise for fitting T2w and FLAIR as acquired on their
+    own grids (``--refine_partial_volume``).
 
     ``reuse``: score the maps an earlier run left in ``work`` where they were made by the same weights and
     refinement (the code that made them is taken to be today's). Rows sorted by ``error`` (best first)."""
@@ -103,8 +110,8 @@ def rank(
     truths = {s.name: _truth(s) for s in studies}
     bundle_widths = json.loads((BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
     rows = []
-    pairs = [(c, w, cal) for c in candidates for w in prior_widths for cal in calibrations]
-    for candidate, width, calibrate in tqdm(pairs, desc="candidates", unit="candidate"):
+    pairs = list(itertools.product(candidates, prior_widths, calibrations, partial_volumes))
+    for candidate, width, calibrate, partial_volume in tqdm(pairs, desc="candidates", unit="candidate"):
         checkpoint, own_overlay = split_overlay(candidate)
         candidate_overlay = own_overlay or overlay
         name = os.path.relpath(checkpoint)
@@ -113,21 +120,31 @@ def rank(
         folder = name.replace(os.sep, "_") + (f"_{Path(candidate_overlay).stem}" if candidate_overlay else "")
         folder += "" if width is None else "_w" + label.replace(",", "_")
         folder += "" if calibrate or not refine else "_no_calibration"
+        folder += "" if partial_volume or not refine else "_no_partial_volume"
         sha256 = file_sha256(checkpoint) if reuse else None
         per_study, gain_errors = [], []
         for study in studies:
             out = work / "maps" / folder / study.name
-            if reuse and made_by(out, sha256, refine, bundle_widths if width is None else width, calibrate):
+            width_used = bundle_widths if width is None else width
+            if reuse and made_by(out, sha256, refine, width_used, calibrate, partial_volume):
                 maps, report = read_maps(out)
             else:
                 maps, report = network_maps(
-                    name, str(Path(checkpoint).resolve()), candidate_overlay, refine, study, out, width, calibrate
+                    name,
+                    str(Path(checkpoint).resolve()),
+                    candidate_overlay,
+                    refine,
+                    study,
+                    out,
+                    width,
+                    {"refine_calibrate": calibrate, "refine_partial_volume": partial_volume},
                 )
             per_study.append(score(maps, *truths[study.name]))
             gain_errors.append(gain_ratio_errors(report, study))
         errors = [selection_error(f) for f in per_study]
         suffix = f":{own_overlay}" if own_overlay else ""
         label += "" if calibrate or not refine else ", no calibration"
+        label += "" if partial_volume or not refine else ", no partial volume"
         row = {"checkpoint": name + suffix, "prior_width": label, "error": float(np.mean(errors))}
         for m in physics.MAPS:
             for key in ("WM_bias", "GM_bias", "mpe"):
@@ -164,12 +181,16 @@ def main(argv=None) -> None:
                         help="refinement prior widths (log units), repeatable (default: the bundle's)")  # fmt: skip
     parser.add_argument("--calibrate", choices=("off", "on", "both"), default="on",
                         help="per-study gain calibration (both: each candidate with and without)")  # fmt: skip
+    parser.add_argument("--partial-volume", choices=("off", "on", "both"), default="on",
+                        help="fit T2w and FLAIR as acquired on their own grids (--refine_partial_volume)")  # fmt: skip
     parser.add_argument("--reuse", action="store_true",
                         help="score maps an earlier run made with these weights and refinement")  # fmt: skip
     args = parser.parse_args(argv)
     widths = args.prior_width or (None,)
     calibrations = {"off": (False,), "on": (True,), "both": (False, True)}[args.calibrate]
-    rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations)
+    partial_volumes = {"off": (False,), "on": (True,), "both": (False, True)}[args.partial_volume]
+    rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations,
+                partial_volumes)  # fmt: skip
     args.work.mkdir(parents=True, exist_ok=True)
     with (args.work / "selection.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))

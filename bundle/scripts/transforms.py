@@ -21,7 +21,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform, ResampleToMatch
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 from monai.utils import convert_to_numpy, convert_to_tensor
-from scripts import calibration, phantom, physics
+from scripts import calibration, partial_volume, phantom, physics
 
 
 def _in_mask(mask) -> torch.Tensor:
@@ -467,6 +467,11 @@ class PhysicsRefined(MapTransform):
     sampled from, are the least reliable, and calibrating there made the evaluation's out-of-range studies
     worse: the network's gains stay.
 
+    With ``partial_volume``, T2w and FLAIR are fitted as acquired on their own grids: each is moved by what its
+    acquisition (slice profile, position, gaps) and the resampling onto this grid do to the network's
+    re-synthesised signal, computed once under the network's gains (the calibration re-explains the same
+    signals, so it leaves the move as it is).
+
     Args:
         keys: the predicted (T1, T2, PD) maps in ms, ms, p.u., on the grid of ``image_keys``.
         image_keys: the T1w, T2w and FLAIR images on that grid, before any normalisation.
@@ -482,6 +487,11 @@ class PhysicsRefined(MapTransform):
         calibrate: calibrate the gains on the study's tissues (above); where no gains are plausible or the
             protocol is outside ``ranges`` the network's stay (``info_key`` says why).
         ranges: the training protocol ranges (``physics.PROTOCOL_RANGES`` when None).
+        acquired_keys: each series as acquired (its own grid, ``slice_thickness`` in its meta), in ``image_keys``
+            order; a key that is missing or holds the grid of ``keys`` needs no correction.
+        partial_volume: fit T2w and FLAIR as acquired on their own grids (``scripts.partial_volume``): each
+            image is moved by what its acquisition and the resampling do to the network's re-synthesised
+            signal before the fits (not the gains' tissue medians); ``info_key`` reports the mean move.
     """
 
     def __init__(
@@ -497,9 +507,12 @@ class PhysicsRefined(MapTransform):
         enabled: bool = True,
         calibrate: bool = False,
         ranges: dict | None = None,
+        acquired_keys: Sequence[str] = ("T1w_acquired", "T2w_acquired", "FLAIR_acquired"),
+        partial_volume: bool = False,
     ) -> None:
         super().__init__(keys)
         self.enabled, self.calibrate, self.ranges = enabled, calibrate, ranges
+        self.acquired_keys, self.partial_volume = tuple(acquired_keys), partial_volume
         self.image_keys, self.params_key, self.mask_key, self.info_key = (
             tuple(image_keys),
             params_key,
@@ -526,20 +539,26 @@ class PhysicsRefined(MapTransform):
             raise ValueError("PhysicsRefined: fewer than 100 tissue voxels to calibrate the series' gains on")
         gains = np.median(images[:, tissue] / synth[:, tissue], axis=1)
         noise_counts = np.array([_noise_sigma(convert_to_numpy(d[k])[0], inside) for k in self.image_keys])
+        seen = images
+        if self.partial_volume:
+            volumes = np.stack([convert_to_numpy(d[k], dtype=np.float64)[0] for k in self.image_keys])
+            grid = np.asarray(convert_to_numpy(maps.affine), dtype=np.float64)
+            acquired = [d[k] if k in d else None for k in self.acquired_keys]
+            seen = partial_volume.corrected_images(volumes, synth * gains[:, None], inside, grid, acquired)
         calibrated, calibration_note = None, None
         if self.calibrate:
-            prior, gains, calibrated, calibration_note = self._calibrated(prior, synth, images, gains, noise_counts,
-                                                                          params)  # fmt: skip
+            prior, gains, calibrated, calibration_note = self._calibrated(prior, synth, images, seen, gains,
+                                                                          noise_counts, params)  # fmt: skip
         noise = np.maximum(noise_counts / gains, 1e-6)
-        refined = physics.fit_maps(images, params, gains, prior=prior, prior_width=self.prior_width, noise=noise,
+        refined = physics.fit_maps(seen, params, gains, prior=prior, prior_width=self.prior_width, noise=noise,
                                    iterations=self.iterations)  # fmt: skip
         out = maps.clone()
         out[:, torch.from_numpy(inside)] = torch.as_tensor(refined, dtype=out.dtype)
         d[key] = out
         change = np.median(np.abs(refined[:, tissue] / network[:, tissue] - 1), axis=1)
         residual = {
-            "network": _residual_pct(synth, images),
-            "refined": _residual_pct(physics.synthesize(refined, params), images),
+            "network": _residual_pct(synth, seen),
+            "refined": _residual_pct(physics.synthesize(refined, params), seen),
         }
         d[self.info_key] = {
             "enabled": True,
@@ -547,15 +566,19 @@ class PhysicsRefined(MapTransform):
             **({"calibration": None if calibrated is None else calibrated.round(4).tolist()} if self.calibrate else {}),
             **({"calibration_note": calibration_note} if calibration_note else {}),
             "prior_width_log": list(self.prior_width),
+            "partial_volume": self.partial_volume,
+            **({"partial_volume_pct": _change_pct(seen, images)} if self.partial_volume else {}),
             "noise_pu": noise.round(6).tolist(),
             "median_change_in_tissue_pct": dict(zip(physics.MAPS, (100 * change).round(2).tolist(), strict=True)),
             "residual_pct": residual,
         }
         return d
 
-    def _calibrated(self, prior, synth, images, gains, noise_counts, params):
+    def _calibrated(self, prior, synth, images, seen, gains, noise_counts, params):
         """The per-study gain calibration (class docstring): (prior, gains, factors, note) for the refinement,
-        the network's prior and gains with factors None and a note saying why where it does not apply."""
+        the network's prior and gains with factors None and a note saying why where it does not apply. The gains
+        come from tissue medians of the ``images``; the level correction fits the images as the fits see them
+        (``seen``)."""
         if physics.protocol_violations(params, self.ranges):
             return prior, gains, None, "protocol outside the training ranges: the network's gains kept"
         signals = calibration.tissue_signals(images / gains[:, None], prior[0])
@@ -564,18 +587,22 @@ class PhysicsRefined(MapTransform):
         gains = gains * factors
         explained = physics.fit_maps(synth / factors[:, None], params, np.ones(3), prior=prior,
                                      prior_width=(1e3,) * 3, noise=np.ones(3), iterations=20)  # fmt: skip
-        loose = physics.fit_maps(images, params, gains, prior=explained, prior_width=(1.0,) * 3,
+        loose = physics.fit_maps(seen, params, gains, prior=explained, prior_width=(1.0,) * 3,
                                  noise=np.maximum(noise_counts / gains, 1e-6), iterations=self.iterations)  # fmt: skip
         return calibration.level_corrected(explained, loose), gains, factors, None
+
+
+def _change_pct(moved: np.ndarray, images: np.ndarray) -> dict[str, float]:
+    """Per series: mean |moved - image| over the voxels, % of the mean image."""
+    relative = np.abs(moved - images).mean(axis=1) / np.maximum(images.mean(axis=1), 1e-12)
+    return dict(zip(physics.SERIES, (100 * relative).round(2).tolist(), strict=True))
 
 
 def _residual_pct(synth: np.ndarray, images: np.ndarray) -> dict[str, float]:
     """Per series: mean |re-synthesis - image| over the voxels, % of the mean image (the physics QA's figure),
     each re-synthesis (``synth``, (3, N)) scaled by its least-squares gain; on the T1w grid, where the refinement
     fits."""
-    fitted = physics.least_squares_gains(synth, images)[:, None] * synth
-    relative = np.abs(fitted - images).mean(axis=1) / np.maximum(images.mean(axis=1), 1e-12)
-    return dict(zip(physics.SERIES, (100 * relative).round(2).tolist(), strict=True))
+    return _change_pct(physics.least_squares_gains(synth, images)[:, None] * synth, images)
 
 
 def _noise_sigma(image: np.ndarray, inside: np.ndarray) -> float:

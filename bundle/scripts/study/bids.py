@@ -82,6 +82,9 @@ def _read(path: Path, sidecar: Path) -> Series:
         return series
     series.affine = image.affine
     series.shape = tuple(int(n) for n in image.shape[:3])
+    thickness = meta.get("SliceThickness")  # mm, as dcm2niix writes it
+    if isinstance(thickness, (int, float)) and not isinstance(thickness, bool) and thickness > 0:
+        series.slice_thickness = float(thickness)
     series.loader = partial(_load, image, path)
     return series
 

@@ -52,6 +52,7 @@ class _Frame:
     timing: tuple[float, float, float]  # TR, TE, TI (ms)
     rescale: tuple[float, float]  # slope, intercept
     thickness: float | None  # SpacingBetweenSlices or SliceThickness: the step of a single-slice series
+    slab: float | None  # SliceThickness: the width each slice averages over
 
 
 def read_dicom_series(paths: list[Path], stubs: list[Path] = ()) -> tuple[list[Series], list[str]]:
@@ -157,6 +158,7 @@ def _build_series(uid: str, items: list[tuple[Path, Dataset]], dropped: list[str
         if dropped:  # a file of this series (by its header) that cannot be used: never a silent gap
             raise StudyError(f"{len(dropped)} of its files cannot be used: {'; '.join(dropped)}.")
         frames, series.affine = _geometry(frames)
+        series.slice_thickness = frames[0].slab
         series.unreadable_nearby = [] if _check_count(items, len(frames)) else nearby
     except StudyError as err:
         series.problem = str(err)
@@ -289,6 +291,7 @@ def _frames(ds: Dataset, path: Path) -> list[_Frame]:
             _number(ds, "RescaleIntercept", where, False, default=0.0),
         ),
         thickness=thickness,
+        slab=_number(ds, "SliceThickness", where, False),
     )
     return [frame]
 
@@ -345,6 +348,7 @@ def _enhanced_frames(ds: Dataset, path: Path, shape: tuple[int, int]) -> list[_F
                     _number(transform, "RescaleIntercept", transform_where, False, default=0.0),
                 ),
                 thickness=thickness,
+                slab=_number(measures, "SliceThickness", measures_where, False),
             )
         )
     return frames

@@ -47,6 +47,9 @@ class Series:
     ti: float | None = None
     affine: np.ndarray | None = field(default=None, repr=False)
     shape: tuple[int, int, int] | None = None
+    #: SliceThickness (mm): the slab each slice averages over (wider than nothing, narrower than the slice step
+    #: where there are gaps); None where the source does not say.
+    slice_thickness: float | None = None
     frame_of_reference_uid: str | None = None
     study_instance_uid: str | None = None
     patient_id: str | None = None

@@ -106,11 +106,13 @@ def write_classic_mr_series(
     image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "M", "ND"),
     bits_stored: int = 12,
     slope: float | None = None,
+    slice_thickness: float | None = None,
 ) -> list[Path]:
     """Write one MR Image Storage file per slice into ``out_dir``; return their paths in slice order.
 
     ``volume`` is (columns, rows, slices) in the voxel order of ``affine`` (RAS, mm); ``tr``/``te``/``ti``
     in ms (``None`` for a derived map without a protocol of its own); see the module notes for scaling.
+    ``slice_thickness`` (mm) is what each slice averaged over; None: the slice spacing (no gap).
     """
     stored, slope = _quantise(volume, bits_stored, slope)
     geometry = _Geometry(affine, volume.shape)
@@ -123,7 +125,7 @@ def write_classic_mr_series(
     if ti > 0:
         base.InversionTime = _ds(ti)
     base.update(_plane(geometry))
-    base.SliceThickness = base.SpacingBetweenSlices = _ds(geometry.spacing)
+    base.SliceThickness, base.SpacingBetweenSlices = _ds(slice_thickness or geometry.spacing), _ds(geometry.spacing)
     base.RescaleIntercept, base.RescaleSlope = "0", _ds(slope)
     base.update(_window(stored, slope))
     base.AcquisitionDate, base.AcquisitionTime = base.SeriesDate, base.SeriesTime
@@ -157,6 +159,7 @@ def write_enhanced_mr_series(
     ti: float = 0.0,
     bits_stored: int = 12,
     slope: float | None = None,
+    slice_thickness: float | None = None,
 ) -> Path:
     """Write one Enhanced MR Image Storage file (one frame per slice) into ``out_dir``; return its path.
 
@@ -224,7 +227,7 @@ def write_enhanced_mr_series(
         PixelMeasuresSequence=[
             _item(
                 PixelSpacing=plane["PixelSpacing"],
-                SliceThickness=_ds(geometry.spacing),
+                SliceThickness=_ds(slice_thickness or geometry.spacing),
                 SpacingBetweenSlices=_ds(geometry.spacing),
             )
         ],
