@@ -601,7 +601,7 @@ def _change_pct(moved: np.ndarray, images: np.ndarray) -> dict[str, float]:
 def _residual_pct(synth: np.ndarray, images: np.ndarray) -> dict[str, float]:
     """Per series: mean |re-synthesis - image| over the voxels, % of the mean image (the physics QA's figure),
     each re-synthesis (``synth``, (3, N)) scaled by its least-squares gain; on the T1w grid, where the refinement
-    fits."""
+    fits, against the images as the fits see them (moved for partial volume where that is on)."""
     return _change_pct(physics.least_squares_gains(synth, images)[:, None] * synth, images)
 
 
