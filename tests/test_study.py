@@ -98,15 +98,15 @@ def raises(path, *fragments, overrides=None):
 @pytest.mark.parametrize("affine", [oblique_affine(), np.diag([0.8, 0.8, 4.0, 1.0])], ids=["oblique", "axial"])
 def test_classic_round_trip_matches_written_affine_and_nibabel(tmp_path, affine):
     volume = image()
-    write_classic_mr_series(
-        volume, affine, tmp_path / "dcm", study=Study(), series_number=7, series_description="t1", tr=500, te=10
-    )
+    write_classic_mr_series(volume, affine, tmp_path / "dcm", study=Study(), series_number=7,
+                            series_description="t1", tr=500, te=10, slice_thickness=3.0)  # fmt: skip
     nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), tmp_path / "same.nii.gz")
     nifti = nib.load(tmp_path / "same.nii.gz")
 
     (series,) = read_study(tmp_path / "dcm")
     assert (series.tr, series.te, series.ti) == (500.0, 10.0, 0.0)
     assert series.number == 7 and series.shape == SHAPE and series.problem is None
+    assert series.slice_thickness == 3.0  # SliceThickness, not the slice spacing (SpacingBetweenSlices)
     np.testing.assert_allclose(series.affine, affine, atol=1e-6)
     np.testing.assert_allclose(series.affine, nifti.affine, atol=1e-5)
     slope = float(series.datasets[0].RescaleSlope)
@@ -327,7 +327,7 @@ def write_bids(root, seconds=None, volume=None):
     for number, (name, (tr, te, ti)) in enumerate(seconds.items(), start=1):
         data = image(number) if volume is None else volume
         nib.save(nib.Nifti1Image(data.astype(np.float32), oblique_affine()), root / f"sub-01_{name}.nii.gz")
-        sidecar = {"RepetitionTime": tr, "EchoTime": te, "SeriesNumber": number, "Modality": "MR"}
+        sidecar = {"RepetitionTime": tr, "EchoTime": te, "SeriesNumber": number, "Modality": "MR", "SliceThickness": 4}
         if ti:
             sidecar["InversionTime"] = ti
         (root / f"sub-01_{name}.json").write_text(json.dumps(sidecar))
@@ -346,6 +346,7 @@ def test_bids_folder_gives_the_same_series(tmp_path, caplog):
         assert chosen[name].files[0].name == f"sub-01_{name}.nii.gz"
     np.testing.assert_allclose(chosen["T2w"].affine, oblique_affine(), atol=1e-6)
     np.testing.assert_allclose(chosen["T2w"].volume, image(2), rtol=1e-6)
+    assert chosen["T2w"].slice_thickness == 4.0  # the sidecar's SliceThickness (mm)
     # the suffix is trusted over the protocol: the user said so
     swapped = {"T1w": (5.0, 0.1, 0.0), "T2w": (0.5, 0.01, 0.0), "FLAIR": (9.0, 0.12, 2.5)}
     write_bids(tmp_path / "swapped", swapped)
