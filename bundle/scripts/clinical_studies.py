@@ -130,6 +130,9 @@ VALIDATION_STUDIES = (
     ("val-siemens-4", "siemens", 311),
     ("val-ge-4", "ge", 312),
 )
+#: Other heads under the out-of-range protocol, for choosing how the pipeline behaves there (``select_model
+#: --out-of-range``); never for the evaluation.
+VALIDATION_OUT_OF_RANGE = tuple((f"val-out_of_range-{k}", "out_of_range", 400 + k) for k in range(1, 5))
 
 _MATRIX = {"T1w": (256, 320), "T2w": (320, 384), "FLAIR": (224, 256)}
 _DESCRIPTIONS = {"T1w": "T1W_TSE_TRA", "T2w": "T2W_TSE_TRA", "FLAIR": "T2W_FLAIR_TRA"}

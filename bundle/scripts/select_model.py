@@ -27,6 +27,9 @@ network's maps may be off) are chosen the same way: each ``--prior-width`` is on
 The refinement's per-study gain calibration is on, as in the bundle; ``--calibrate off`` maps without it
 (``--refine_calibrate false``), ``--calibrate both`` ranks each candidate with and without it; likewise
 ``--partial-volume off|both`` for fitting T2w and FLAIR as acquired on their own grids.
+
+``--out-of-range`` ranks on other heads under the out-of-range protocol (``VALIDATION_OUT_OF_RANGE``) instead,
+for choosing what the pipeline does there, e.g. its prior widths, without looking at the evaluation's.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import os  # noqa: E402
 import numpy as np  # noqa: E402
 from scripts import physics  # noqa: E402
 from scripts.clinical_eval import BUNDLE, _truth, network_maps, read_maps, score, split_overlay  # noqa: E402
-from scripts.clinical_studies import VALIDATION_STUDIES, write_studies  # noqa: E402
+from scripts.clinical_studies import VALIDATION_OUT_OF_RANGE, VALIDATION_STUDIES, write_studies  # noqa: E402
 from scripts.outputs import file_sha256  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -95,6 +98,7 @@ def rank(
     reuse: bool = False,
     calibrations=(True,),
     partial_volumes=(True,),
+    heads=None,
 ) -> list[dict]:
     """Score every candidate (checkpoint x refinement prior width; None: the bundle's) on every validation study.
 
@@ -102,11 +106,12 @@ def rank(
 
     ``calibrations``: without (False) and/or with (True) the refinement's per-study gain calibration, each a
     candidate (``--refine_calibrate``); ``partial_volumes`` likewise for fitting T2w and FLAIR as acquired on their
-    own grids (``--refine_partial_volume``).
+    own grids (``--refine_partial_volume``). ``heads``: (study id, protocol, seed) to rank on (default
+    ``VALIDATION_STUDIES``).
 
     ``reuse``: score the maps an earlier run left in ``work`` where they were made by the same weights and
     refinement (the code that made them is taken to be today's). Rows sorted by ``error`` (best first)."""
-    studies = write_studies(work / "studies", VALIDATION_STUDIES)  # only those not there yet
+    studies = write_studies(work / "studies", heads or VALIDATION_STUDIES)  # only those not there yet
     truths = {s.name: _truth(s) for s in studies}
     bundle_widths = json.loads((BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
     rows = []
@@ -183,16 +188,21 @@ def main(argv=None) -> None:
                         help="per-study gain calibration (both: each candidate with and without)")  # fmt: skip
     parser.add_argument("--partial-volume", choices=("off", "on", "both"), default="on",
                         help="fit T2w and FLAIR as acquired on their own grids (--refine_partial_volume)")  # fmt: skip
+    parser.add_argument("--out-of-range", action="store_true",
+                        help="rank on the out-of-range validation heads (VALIDATION_OUT_OF_RANGE) instead, "
+                             "into selection_out_of_range.csv")  # fmt: skip
     parser.add_argument("--reuse", action="store_true",
                         help="score maps an earlier run made with these weights and refinement")  # fmt: skip
     args = parser.parse_args(argv)
     widths = args.prior_width or (None,)
     calibrations = {"off": (False,), "on": (True,), "both": (False, True)}[args.calibrate]
     partial_volumes = {"off": (False,), "on": (True,), "both": (False, True)}[args.partial_volume]
+    heads = VALIDATION_OUT_OF_RANGE if args.out_of_range else VALIDATION_STUDIES
     rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations,
-                partial_volumes)  # fmt: skip
+                partial_volumes, heads)  # fmt: skip
     args.work.mkdir(parents=True, exist_ok=True)
-    with (args.work / "selection.csv").open("w", newline="") as f:
+    table = args.work / ("selection_out_of_range.csv" if args.out_of_range else "selection.csv")
+    with table.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
