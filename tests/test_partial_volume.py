@@ -62,3 +62,17 @@ def test_a_series_on_the_t1w_grid_is_left_as_it_is():
     same = MetaTensor(torch.zeros((1, *SHAPE)), affine=torch.as_tensor(GRID), meta={"slice_thickness": 5.0})
     out = corrected_images(images, np.zeros((3, inside.sum())), inside, GRID, [None, same, same])
     np.testing.assert_array_equal(out, images[:, inside])
+
+
+def test_the_slabs_are_along_the_coarsest_axis_of_the_grid():
+    """A grid stored with its 5 mm slices along the first axis (e.g. sagittal NIfTI), a step from 0 to 1 between
+    its slices 5 and 6, a series of 5 mm slices 2.4 mm off: the series' slab over the step holds 3 of 7 profile
+    samples in slice 6 (constant across slabs; linear it would read 0.5), and resampling back mixes neighbours."""
+    grid = np.diag([5.0, 1.0, 1.0, 1.0])
+    series_affine = np.array([[0.0, 0.0, 5.0, 2.4], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0, 0, 0, 1.0]])
+    series = MetaTensor(torch.zeros((1, *SHAPE)), affine=torch.as_tensor(series_affine), meta={"slice_thickness": 5.0})
+    step = np.zeros(SHAPE)
+    step[6:] = 1.0
+    back = reacquired(step, grid, series)[:, 6, 6]
+    np.testing.assert_allclose(back[5], 0.52 * 3 / 7, atol=1e-5)  # x = 25 mm: 0.52 of the slab at 27.4 mm
+    np.testing.assert_allclose(back[6], 0.48 * 3 / 7 + 0.52, atol=1e-5)  # x = 30 mm: between 27.4 and 32.4 mm

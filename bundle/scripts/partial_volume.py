@@ -49,12 +49,14 @@ def slab_means(
 
 
 def reacquired(volume: np.ndarray, affine: np.ndarray, series: MetaTensor) -> np.ndarray:
-    """``volume`` on a multi-slice grid (``affine``, slices along its third axis) as ``series`` (its own grid,
-    ``slice_thickness`` in its meta, else its slice spacing) acquires it, resampled back onto that grid."""
+    """``volume`` on a grid (``affine``; constant across its coarsest axis' voxels, a multi-slice grid's slabs) as
+    ``series`` (its own grid, ``slice_thickness`` in its meta, else its slice spacing) acquires it, resampled back
+    onto that grid."""
     series_affine = np.asarray(series.affine, dtype=np.float64)
     thickness = float(series.meta.get("slice_thickness") or 0.0) or float(np.linalg.norm(series_affine[:3, 2]))
     grid_shape = tuple(series.shape[1:])
-    acquired = slab_means(volume.astype(np.float32), affine, series_affine, grid_shape, thickness, constant_axis=2)
+    slab_axis = int(np.argmax(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)))
+    acquired = slab_means(volume.astype(np.float32), affine, series_affine, grid_shape, thickness, 1, slab_axis)
     back = ResampleToMatch(mode="bilinear", padding_mode="zeros")(
         MetaTensor(torch.from_numpy(acquired)[None], affine=torch.as_tensor(series_affine)),
         MetaTensor(torch.zeros((1, *volume.shape)), affine=torch.as_tensor(affine, dtype=torch.float64)),
