@@ -63,6 +63,15 @@ def test_scores_of_the_truth_and_of_a_known_error(study):
     off = clinical_eval.score(truth * np.array([1.1, 1.0, 0.95], dtype=np.float32)[:, None, None, None], truth, labels)
     assert off["T1"]["WM_bias"] == pytest.approx(10.0, abs=1e-3) and off["T1"]["mpe"] == pytest.approx(10.0, abs=1e-3)
     assert off["PD"]["GM_bias"] == pytest.approx(-5.0, abs=1e-3) and off["T2"]["mpe"] == 0
+    # where PSNR's squared error lies: per tissue (they partition the brain), and in voxels left unmapped (0)
+    shares = [off["T1"][f"sse_{roi}_pct"] for roi in ("WM", "GM", "CSF", "lesion")]
+    assert sum(shares) == pytest.approx(100.0) and off["T1"]["sse_unmapped_pct"] == 0
+    assert off["T1"]["psnr_mapped"] == pytest.approx(off["T1"]["psnr"], abs=1e-6)
+    holes = truth * np.float32(1.1)
+    holes[:, labels == 1] = 0  # CSF outside a brain mask of its own
+    budget = clinical_eval.score(holes, truth, labels)["T1"]
+    assert budget["sse_unmapped_pct"] == pytest.approx(budget["sse_CSF_pct"]) and budget["sse_CSF_pct"] > 90
+    assert budget["psnr_mapped"] == pytest.approx(off["T1"]["psnr"] - 10 * np.log10(1 - shares[2] / 100), abs=1e-4)
 
 
 def test_oracle_fit_on_noise_free_images_has_no_bias(study):
