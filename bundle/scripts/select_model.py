@@ -127,10 +127,10 @@ def rank(
         folder += "" if calibrate or not refine else "_no_calibration"
         folder += "" if partial_volume or not refine else "_no_partial_volume"
         sha256 = file_sha256(checkpoint) if reuse else None
+        width_used = bundle_widths if width is None else width
         per_study, gain_errors = [], []
         for study in studies:
             out = work / "maps" / folder / study.name
-            width_used = bundle_widths if width is None else width
             if reuse and made_by(out, sha256, refine, width_used, calibrate, partial_volume):
                 maps, report = read_maps(out)
             else:
@@ -195,8 +195,8 @@ def main(argv=None) -> None:
                         help="score maps an earlier run made with these weights and refinement")  # fmt: skip
     args = parser.parse_args(argv)
     widths = args.prior_width or (None,)
-    calibrations = {"off": (False,), "on": (True,), "both": (False, True)}[args.calibrate]
-    partial_volumes = {"off": (False,), "on": (True,), "both": (False, True)}[args.partial_volume]
+    switch = {"off": (False,), "on": (True,), "both": (False, True)}  # a refinement switch's candidates
+    calibrations, partial_volumes = switch[args.calibrate], switch[args.partial_volume]
     heads = VALIDATION_OUT_OF_RANGE if args.out_of_range else VALIDATION_STUDIES
     rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations,
                 partial_volumes, heads)  # fmt: skip

@@ -530,7 +530,8 @@ class PhysicsRefined(MapTransform):
         maps = convert_to_tensor(d[key], track_meta=True)
         inside = _in_mask(d[self.mask_key]).numpy()
         network = prior = convert_to_numpy(maps, dtype=np.float64)[:, inside]
-        images = np.concatenate([convert_to_numpy(d[k], dtype=np.float64)[:, inside] for k in self.image_keys])
+        volumes = np.stack([convert_to_numpy(d[k], dtype=np.float64)[0] for k in self.image_keys])
+        images = volumes[:, inside]
         params = physics.normalize_parameters(convert_to_numpy(d[self.params_key], dtype=np.float64), inverse=True)
         params = params.reshape(3, 3)
         synth = physics.synthesize(prior, params)
@@ -541,7 +542,6 @@ class PhysicsRefined(MapTransform):
         noise_counts = np.array([_noise_sigma(convert_to_numpy(d[k])[0], inside) for k in self.image_keys])
         seen = images
         if self.partial_volume:
-            volumes = np.stack([convert_to_numpy(d[k], dtype=np.float64)[0] for k in self.image_keys])
             grid = np.asarray(convert_to_numpy(maps.affine), dtype=np.float64)
             acquired = [d[k] if k in d else None for k in self.acquired_keys]
             seen = partial_volume.corrected_images(volumes, synth * gains[:, None], inside, grid, acquired)

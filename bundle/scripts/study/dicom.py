@@ -277,7 +277,8 @@ def _frames(ds: Dataset, path: Path) -> list[_Frame]:
     inversion = "IR" in str(_optional(ds, "ScanningSequence", str) or "")
     ti = _number(ds, "InversionTime", where, required=inversion, default=0.0)
     timing = (_number(ds, "RepetitionTime", where), _number(ds, "EchoTime", where), ti)
-    thickness = _number(ds, "SpacingBetweenSlices", where, False) or _number(ds, "SliceThickness", where, False)
+    slab = _number(ds, "SliceThickness", where, False)
+    thickness = _number(ds, "SpacingBetweenSlices", where, False) or slab
     frame = _Frame(
         path=path,
         index=0,
@@ -291,7 +292,7 @@ def _frames(ds: Dataset, path: Path) -> list[_Frame]:
             _number(ds, "RescaleIntercept", where, False, default=0.0),
         ),
         thickness=thickness,
-        slab=_number(ds, "SliceThickness", where, False),
+        slab=slab,
     )
     return [frame]
 
@@ -327,9 +328,8 @@ def _enhanced_frames(ds: Dataset, path: Path, shape: tuple[int, int]) -> list[_F
         orientation, orientation_where = macro("PlaneOrientationSequence")
         measures, measures_where = macro("PixelMeasuresSequence")
         transform, transform_where = macro("PixelValueTransformationSequence")
-        thickness = _number(measures, "SpacingBetweenSlices", measures_where, False) or _number(
-            measures, "SliceThickness", measures_where, False
-        )
+        slab = _number(measures, "SliceThickness", measures_where, False)
+        thickness = _number(measures, "SpacingBetweenSlices", measures_where, False) or slab
         frames.append(
             _Frame(
                 path=path,
@@ -348,7 +348,7 @@ def _enhanced_frames(ds: Dataset, path: Path, shape: tuple[int, int]) -> list[_F
                     _number(transform, "RescaleIntercept", transform_where, False, default=0.0),
                 ),
                 thickness=thickness,
-                slab=_number(measures, "SliceThickness", measures_where, False),
+                slab=slab,
             )
         )
     return frames
