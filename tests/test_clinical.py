@@ -105,6 +105,19 @@ def test_verdict_names_met_and_missed_targets():
     assert "PSNR 31.0 dB (target 30 dB: met)" in lines[2]
 
 
+def test_span_table_says_where_the_truth_lies_against_the_reported_span():
+    """WM delivered at 1100 ms with the truth at 1000 (truth -9.1 % of it) inside a span of -20..+20; GM delivered
+    at 1300 with the truth at 1400 (+7.7 %) outside -5..+5; a run without spans (no calibration) is left out."""
+    span = {"span_WM_low": -20.0, "span_WM_high": 20.0, "span_GM_low": -5.0, "span_GM_high": 5.0}
+    rows = [{"method": "m", "study": "a", "map": "T1", "WM_true": 1000.0, "WM_pred": 1100.0, "GM_true": 1400.0,
+             "GM_pred": 1300.0, **span},
+            {"method": "m", "study": "oor", "map": "T1", "WM_true": 1.0, "WM_pred": 1.0, "GM_true": 1.0,
+             "GM_pred": 1.0}]  # fmt: skip
+    lines, inside = clinical_eval.span_table(rows, {"a", "oor"}, "m")
+    assert inside == "1 of 2" and len(lines) == 3
+    assert lines[2] == "| a | T1 | -20.0 .. +20.0 | -9.1 | -5.0 .. +5.0 | +7.7 (outside) |"
+
+
 def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     """Candidates ranked on validation studies by mean(|WM|, |GM| bias) + MPE: 2 % high everywhere scores 4."""
     from scripts import select_model

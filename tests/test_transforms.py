@@ -265,11 +265,17 @@ def test_calibration_recovers_gains_the_network_got_wrong():
     assert abs(wm_t1_bias(plain)) > 15 and "calibration" not in plain["refinement"]
     assert abs(wm_t1_bias(calibrated)) < 3
     assert calibrated["refinement"]["gains_per_pu"] == pytest.approx([20.0, 15.0, 30.0], rel=0.03)
+    # what the tissue prior leaves open, reported per map and tissue: the truth lies in it, WM T1 several % either way
+    span = calibrated["refinement"]["calibration_span_pct"]
+    truth_against_given = -100 * wm_t1_bias(calibrated) / (100 + wm_t1_bias(calibrated))
+    assert span["T1"]["WM"][0] < min(-5.0, truth_against_given) and span["T1"]["WM"][1] > max(5.0, truth_against_given)
+    assert all(low <= 0 <= high for tissues in span.values() for low, high in tissues.values())
     # a protocol outside the training ranges keeps the network's gains, and says why
     ranges = {s: dict(r) for s, r in physics.PROTOCOL_RANGES.items()}
     ranges["FLAIR"]["TI"] = (1500.0, 2000.0)  # the case's TI is 2500 ms
     guarded = PhysicsRefined(calibrate=True, ranges=ranges)(data)
     assert guarded["refinement"]["calibration"] is None and "outside" in guarded["refinement"]["calibration_note"]
+    assert "calibration_span_pct" not in guarded["refinement"]
     assert guarded["refinement"]["gains_per_pu"] == plain["refinement"]["gains_per_pu"]
     assert wm_t1_bias(guarded) == pytest.approx(wm_t1_bias(plain))
 

@@ -69,15 +69,33 @@ def explanations(signals: dict[int, np.ndarray], params, factors: np.ndarray, ti
     return plausible, fitted, low, high
 
 
-def prior_gain_factors(signals: dict[int, np.ndarray], params, tissues=(GM, WM, CSF), ratios=RATIOS):
-    """(3,) factors for the current gains that the prior finds most likely (mean log over the plausible
-    explanations, times the geometric middle of their common PD scales), or None if none is plausible."""
+def plausible_explanations(signals: dict[int, np.ndarray], params, tissues=(GM, WM, CSF), ratios=RATIOS):
+    """The explanations the prior allows (``explanations``): their gain factors (3, P), WM and GM values (3 maps,
+    WM GM, P; PD before the common scale) and common PD scales [``low``, ``high``] (P,); None if none is plausible."""
     factors = ratio_factors(ratios)
-    plausible, _, low, high = explanations(signals, params, factors, tissues)
+    plausible, fitted, low, high = explanations(signals, params, factors, tissues)
     if not plausible.any():
         return None
-    scale = np.exp(np.log(np.sqrt(low[plausible] * high[plausible])).mean())
-    return np.exp(np.log(factors[:, plausible]).mean(axis=1)) * scale
+    return factors[:, plausible], fitted[:, :, plausible], low[plausible], high[plausible]
+
+
+def prior_gain_factors(explained) -> np.ndarray:
+    """(3,) factors for the current gains that the prior finds most likely, from ``plausible_explanations``: the
+    mean log over the plausible explanations, times the geometric middle of their common PD scales."""
+    factors, _, low, high = explained
+    return np.exp(np.log(factors).mean(axis=1)) * np.exp(np.log(np.sqrt(low * high)).mean())
+
+
+def tissue_value_span(explained) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """WM and GM values (3 maps, WM GM) of the prior's best guess (as ``prior_gain_factors`` picks it) and the
+    lowest and highest the plausible explanations give (PD over every common scale each allows): how far a head's
+    tissue values are fixed when the receiver gains are not known."""
+    _, fitted, low, high = explained
+    guess = np.exp(np.log(fitted).mean(axis=2))
+    guess[2] /= np.exp(np.log(np.sqrt(low * high)).mean())
+    lowest, highest = fitted.min(axis=2), fitted.max(axis=2)
+    lowest[2], highest[2] = (fitted[2] / high).min(axis=1), (fitted[2] / low).max(axis=1)
+    return guess, lowest, highest
 
 
 def level_corrected(prior: np.ndarray, fitted: np.ndarray, bins: int = LEVEL_BINS) -> np.ndarray:

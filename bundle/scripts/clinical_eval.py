@@ -231,8 +231,11 @@ def evaluate(models: dict, studies: list[Path], work: Path) -> tuple[list[dict],
             qa = {f"qa_{s}": 100 * q["relative_mean_abs_residual"] for s, q in extra.get("qa", {}).items()}
             on_grid = extra.get("physics_refinement", {}).get("residual_pct", {})  # refined runs only
             qa |= {f"qa_{maps_}_{s}": v for maps_, per in on_grid.items() for s, v in per.items()}
+            spans = extra.get("physics_refinement", {}).get("calibration_span_pct", {})  # calibrated runs only
             for name, figures in score(maps, truth, labels).items():
-                rows.append({"study": study.name, "method": method, "map": name, **figures, **qa,
+                span = {f"span_{roi}_{end}": v for roi, ends in spans.get(name, {}).items()
+                        for end, v in zip(("low", "high"), ends, strict=True)}  # fmt: skip
+                rows.append({"study": study.name, "method": method, "map": name, **figures, **qa, **span,
                              "wall_s": extra["wall_s"], "warnings": len(extra.get("warnings", []))})  # fmt: skip
             kept[study.name][method] = maps
     return rows, kept
@@ -270,6 +273,29 @@ def error_budget_table(rows: list[dict], studies: set[str], method: str) -> list
         cells += [_fmt([r["psnr"] for r in sel], 1, False), _fmt([r.get("psnr_mapped", np.nan) for r in sel], 1, False)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def truth_against_delivered(figures: dict, roi: str) -> float:
+    """Where the true ROI mean lies, % of the delivered one (``score``'s figures): what a span must hold."""
+    return 100 * (figures[f"{roi}_true"] / figures[f"{roi}_pred"] - 1)
+
+
+def span_table(rows: list[dict], studies: set[str], method: str) -> tuple[list[str], str]:
+    """Per study and map: the WM / GM span the calibration reports (``calibration_span_pct``, % of the delivered
+    value) beside where the truth lies (% of the delivered ROI mean); and how often the truth is inside."""
+    lines = ["| study | map | WM span % | WM truth % | GM span % | GM truth % |", "|" + "---|" * 6]
+    inside = []
+    for r in rows:
+        if r["method"] != method or r["study"] not in studies or "span_WM_low" not in r:
+            continue
+        cells = []
+        for roi in ("WM", "GM"):
+            low, high = r[f"span_{roi}_low"], r[f"span_{roi}_high"]
+            truth = truth_against_delivered(r, roi)
+            inside.append(low <= truth <= high)
+            cells += [f"{low:+.1f} .. {high:+.1f}", f"{truth:+.1f}{'' if inside[-1] else ' (outside)'}"]
+        lines.append(f"| {r['study']} | {r['map']} | " + " | ".join(cells) + " |")
+    return lines, f"{sum(inside)} of {len(inside)}"
 
 
 def qa_table(rows: list[dict], networks: list[str]) -> list[str]:
@@ -472,6 +498,7 @@ def main(argv=None) -> None:
     command += "".join(f" --network-only '{spec}'" for spec in args.network_only)
     command += f" --docs {args.docs}" + (f" --metadata {args.metadata}" if args.metadata else "")
     minutes = (time.time() - start) / 60
+    spans = span_table(rows, in_range, next(iter(models), FITS[0]))
     text = RESULTS.format(
         command=command, hardware=_hardware(), minutes=minutes,
         studies=", ".join(f"{s} ({FAMILY[s]})" for s in FAMILY),
@@ -484,6 +511,7 @@ def main(argv=None) -> None:
         qa="\n".join(qa_table(rows, list(models))),
         budget_method=next(iter(models), FITS[0]),
         budget="\n".join(error_budget_table(rows, in_range, next(iter(models), FITS[0]))),
+        span="\n".join(spans[0]), span_inside=spans[1],
         invariance="\n".join(invariance_table(invariance_rows, methods)),
         verdicts="\n\n".join(f"**{m}**\n\n" + "\n".join(verdict(rows, m, in_range, out_of_range)) for m in methods),
     )  # fmt: skip
@@ -557,6 +585,18 @@ left unmapped (0 outside its own brain mask), mean [min, max] over the studies; 
 maps would have with those voxels right (`clinical_eval.error_budget`).
 
 {budget}
+
+## What the images leave open: the calibration's span (in range, {budget_method})
+
+Without the receiver gains, many gain ratios explain a study's images exactly, each with other tissue values;
+the calibration keeps those under which WM, GM and the ventricles' core stay inside the tissue prior's ranges and
+takes their mean (`scripts/calibration.py`). `report.json` (`physics_refinement.calibration_span_pct`) gives the
+lowest and highest WM and GM value among them, % of the value calibrated: how far the images fix the tissue
+values. Beside it, where the truth lies (% of the delivered ROI mean). The truth is inside the span for
+{span_inside} (study, map, tissue); outside it, the error is not the gains' but the maps' (level correction,
+noise, partial volume) or the tissue samples'.
+
+{span}
 
 ## Physics QA of the pipeline (re-synthesis residual, % of the mean brain signal) and wall time
 

@@ -121,27 +121,22 @@ def prior_calibration(values: dict[int, np.ndarray], params, tissues=TISSUES, ra
     bias span (min, max) and the best guess's bias (``T1_WM_guess``), %; no guess where nothing is plausible.
     """
     truth = np.stack([values[WM], values[GM]], axis=1)  # (maps, tissues)
-    factors = calibration.ratio_factors(ratios)
     signals = {t: physics.synthesize(values[t], params) for t in (WM, GM, *tissues)}  # at gains 1
-    plausible, fitted, low, high = calibration.explanations(signals, params, factors, tissues)
+    explained = calibration.plausible_explanations(signals, params, tissues, ratios)
     out = {
-        "plausible": int(plausible.sum()),
-        "of": factors.shape[1],
+        "plausible": 0 if explained is None else explained[0].shape[1],
+        "of": len(ratios) ** 2,
         "truth_plausible": all(
             lo <= values[t][c] <= hi for t in tissues for c, (lo, hi) in enumerate(TISSUE_RANGES[t])
         ),
     }
-    if not plausible.any():
+    if explained is None:
         return out
-    kept, low, high = fitted[:, :, plausible], low[plausible], high[plausible]
-    guess = np.exp(np.log(kept).mean(axis=2))
-    guess[2] /= np.exp(np.log(np.sqrt(low * high)).mean())
+    guess, lowest, highest = (100 * (v / truth - 1) for v in calibration.tissue_value_span(explained))
     for c, name in enumerate(physics.MAPS):
         for j, roi in enumerate(("WM", "GM")):
-            scaled = [kept[c, j] / s for s in ((low, high) if name == "PD" else (1.0,))]
-            bias = 100 * (np.concatenate(scaled) / truth[c, j] - 1)
-            out[f"{name}_{roi}"] = (float(bias.min()), float(bias.max()))
-            out[f"{name}_{roi}_guess"] = float(100 * (guess[c, j] / truth[c, j] - 1))
+            out[f"{name}_{roi}"] = (float(lowest[c, j]), float(highest[c, j]))
+            out[f"{name}_{roi}_guess"] = float(guess[c, j])
     return out
 
 

@@ -48,7 +48,15 @@ import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 from scripts import physics  # noqa: E402
-from scripts.clinical_eval import BUNDLE, _truth, network_maps, read_maps, score, split_overlay  # noqa: E402
+from scripts.clinical_eval import (  # noqa: E402
+    BUNDLE,
+    _truth,
+    network_maps,
+    read_maps,
+    score,
+    split_overlay,
+    truth_against_delivered,
+)
 from scripts.clinical_studies import VALIDATION_OUT_OF_RANGE, VALIDATION_STUDIES, write_studies  # noqa: E402
 from scripts.outputs import file_sha256  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -69,6 +77,14 @@ def gain_ratio_errors(report: dict, study: Path) -> np.ndarray:
     true = np.array([series[s]["gain_counts_per_pu"] for s in physics.SERIES])
     ratios = (np.asarray(gains) / gains[0]) / (true / true[0])
     return 100 * np.abs(ratios[1:] - 1)
+
+
+def truth_in_span(report: dict, figures: dict[str, dict[str, float]]) -> list[bool]:
+    """Per map and WM / GM: whether the true ROI mean lies inside the calibration's span
+    (``physics_refinement.calibration_span_pct``); empty where the maps were not calibrated."""
+    spans = report.get("physics_refinement", {}).get("calibration_span_pct", {})
+    return [low <= truth_against_delivered(figures[m], roi) <= high
+            for m, rois in spans.items() for roi, (low, high) in rois.items()]  # fmt: skip
 
 
 def made_by(
@@ -128,7 +144,7 @@ def rank(
         folder += "" if partial_volume or not refine else "_no_partial_volume"
         sha256 = file_sha256(checkpoint) if reuse else None
         width_used = bundle_widths if width is None else width
-        per_study, gain_errors = [], []
+        per_study, gain_errors, in_span = [], [], []
         for study in studies:
             out = work / "maps" / folder / study.name
             if reuse and made_by(out, sha256, refine, width_used, calibrate, partial_volume):
@@ -146,6 +162,7 @@ def rank(
                 )
             per_study.append(score(maps, *truths[study.name]))
             gain_errors.append(gain_ratio_errors(report, study))
+            in_span += truth_in_span(report, per_study[-1])
         errors = [selection_error(f) for f in per_study]
         suffix = f":{own_overlay}" if own_overlay else ""
         label += "" if calibrate or not refine else ", no calibration"
@@ -158,6 +175,8 @@ def rank(
                 row[f"{m}_{roi}_abs_bias"] = float(np.mean([abs(f[m][f"{roi}_bias"]) for f in per_study]))
         if not np.isnan(gain_errors).all():
             row |= dict(zip(("T2w_gain_ratio_abs_error", "FLAIR_gain_ratio_abs_error"), np.mean(gain_errors, axis=0)))
+        if in_span:
+            row |= {"truth_in_span": sum(in_span), "spans": len(in_span)}
         row |= {f"error_{s.name}": e for s, e in zip(studies, errors, strict=True)}
         rows.append(row)
     rows.sort(key=lambda r: r["error"])
@@ -217,6 +236,12 @@ def main(argv=None) -> None:
                      if "T2w_gain_ratio_abs_error" in r else "")  # fmt: skip
         paired = f"{r['vs_best']:+.2f} ± {r['vs_best_se']:.2f}"
         print(f"| {r['checkpoint']} | {r['prior_width']} | {r['error']:.2f} | {paired} | " + " | ".join(cells) + " |")
+    for r in rows:
+        if "spans" in r:
+            print(
+                f"{r['checkpoint']}, {r['prior_width']}: the true WM / GM mean inside the calibration's span "
+                f"(report.json calibration_span_pct) for {r['truth_in_span']} of {r['spans']} (head, map, tissue)"
+            )
     print(f"best: {rows[0]['checkpoint']}, prior width {rows[0]['prior_width']}")
 
 

@@ -545,10 +545,9 @@ class PhysicsRefined(MapTransform):
             grid = np.asarray(convert_to_numpy(maps.affine), dtype=np.float64)
             acquired = [d[k] if k in d else None for k in self.acquired_keys]
             seen = partial_volume.corrected_images(volumes, synth * gains[:, None], inside, grid, acquired)
-        calibrated, calibration_note = None, None
+        calibrated = {}
         if self.calibrate:
-            prior, gains, calibrated, calibration_note = self._calibrated(prior, synth, images, seen, gains,
-                                                                          noise_counts, params)  # fmt: skip
+            prior, gains, calibrated = self._calibrated(prior, synth, images, seen, gains, noise_counts, params)
         noise = np.maximum(noise_counts / gains, 1e-6)
         refined = physics.fit_maps(seen, params, gains, prior=prior, prior_width=self.prior_width, noise=noise,
                                    iterations=self.iterations)  # fmt: skip
@@ -563,8 +562,7 @@ class PhysicsRefined(MapTransform):
         d[self.info_key] = {
             "enabled": True,
             "gains_per_pu": gains.round(6).tolist(),
-            **({"calibration": None if calibrated is None else calibrated.round(4).tolist()} if self.calibrate else {}),
-            **({"calibration_note": calibration_note} if calibration_note else {}),
+            **calibrated,
             "prior_width_log": list(self.prior_width),
             "partial_volume": self.partial_volume,
             **({"partial_volume_pct": _change_pct(seen, images)} if self.partial_volume else {}),
@@ -575,21 +573,32 @@ class PhysicsRefined(MapTransform):
         return d
 
     def _calibrated(self, prior, synth, images, seen, gains, noise_counts, params):
-        """The per-study gain calibration (class docstring): (prior, gains, factors, note) for the refinement,
-        the network's prior and gains with factors None and a note saying why where it does not apply. The gains
-        come from tissue medians of the ``images``; the level correction fits the images as the fits see them
-        (``seen``)."""
+        """The per-study gain calibration (class docstring): (prior, gains, report entries) for the refinement;
+        where it does not apply, the network's prior and gains, ``calibration`` None and a note saying why. The
+        gains come from tissue medians of the ``images``; the level correction fits the images as the fits see
+        them (``seen``). ``calibration_span_pct``: the lowest and highest WM and GM value of each map among the
+        explanations the tissue prior allows, % of the calibrated value: what the images leave open."""
         if physics.protocol_violations(params, self.ranges):
-            return prior, gains, None, "protocol outside the training ranges: the network's gains kept"
+            return prior, gains, {"calibration": None, "calibration_note": "protocol outside the training ranges: "
+                                  "the network's gains kept"}  # fmt: skip
         signals = calibration.tissue_signals(images / gains[:, None], prior[0])
-        if (factors := calibration.prior_gain_factors(signals, params)) is None:
-            return prior, gains, None, "no gains put WM, GM and CSF inside their ranges: the network's gains kept"
+        if (allowed := calibration.plausible_explanations(signals, params)) is None:
+            return prior, gains, {"calibration": None, "calibration_note": "no gains put WM, GM and CSF inside "
+                                  "their ranges: the network's gains kept"}  # fmt: skip
+        factors = calibration.prior_gain_factors(allowed)
+        guess, lowest, highest = calibration.tissue_value_span(allowed)
+        span = {
+            name: {roi: [round(float(100 * (v[c, j] / guess[c, j] - 1)), 1) for v in (lowest, highest)]
+                   for j, roi in enumerate(("WM", "GM"))}
+            for c, name in enumerate(physics.MAPS)
+        }  # fmt: skip
         gains = gains * factors
         explained = physics.fit_maps(synth / factors[:, None], params, np.ones(3), prior=prior,
                                      prior_width=(1e3,) * 3, noise=np.ones(3), iterations=20)  # fmt: skip
         loose = physics.fit_maps(seen, params, gains, prior=explained, prior_width=(1.0,) * 3,
                                  noise=np.maximum(noise_counts / gains, 1e-6), iterations=self.iterations)  # fmt: skip
-        return calibration.level_corrected(explained, loose), gains, factors, None
+        info = {"calibration": factors.round(4).tolist(), "calibration_span_pct": span}
+        return calibration.level_corrected(explained, loose), gains, info
 
 
 def _change_pct(moved: np.ndarray, images: np.ndarray) -> dict[str, float]:
