@@ -54,6 +54,26 @@ def test_study_reads_back_as_acquired(study):
     assert np.median(chosen["T1w"].volume[brain] / expected[brain]) == pytest.approx(1.0, abs=0.2)
 
 
+def test_noise_free_copy_is_the_same_acquisition_without_its_noise(study, tmp_path):
+    """Same head, grids and gains; outside the head the noisy study holds Rician noise, the copy exact zeros; the
+    brain's signal differs by about the noise the acquisition record states (WM SNR 20-60)."""
+    (clean,) = acquire_study(tmp_path, {"philips": PROTOCOLS["philips"]}, seed=1, fine_voxel=4.0, noise=False)
+    noisy_record, clean_record = (json.loads((s / "truth" / "acquisition.json").read_text()) for s in (study, clean))
+    noisy, _, _ = load_study(study / "dicom")
+    quiet, _, _ = load_study(clean / "dicom")
+    for name in physics.SERIES:
+        assert clean_record["series"][name]["affine"] == noisy_record["series"][name]["affine"]
+        gain = noisy_record["series"][name]["gain_counts_per_pu"]
+        assert clean_record["series"][name]["gain_counts_per_pu"] == pytest.approx(gain)
+        outside = quiet[name].volume == 0
+        assert outside.mean() > 0.2 and np.abs(noisy[name].volume[outside]).mean() > 0
+        inside = quiet[name].volume > np.percentile(quiet[name].volume, 75)
+        relative = np.std(noisy[name].volume[inside] - quiet[name].volume[inside]) / quiet[name].volume[inside].mean()
+        assert 0.005 < relative < 0.1
+    np.testing.assert_array_equal(nib.load(clean / "truth" / "T1.nii.gz").get_fdata(),
+                                  nib.load(study / "truth" / "T1.nii.gz").get_fdata())  # fmt: skip
+
+
 def test_scores_of_the_truth_and_of_a_known_error(study):
     truth, labels = clinical_eval._truth(study)
     perfect = clinical_eval.score(truth, truth, labels)
@@ -116,6 +136,25 @@ def test_span_table_says_where_the_truth_lies_against_the_reported_span():
     lines, inside = clinical_eval.span_table(rows, {"a", "oor"}, "m")
     assert inside == "1 of 2" and len(lines) == 3
     assert lines[2] == "| a | T1 | -20.0 .. +20.0 | -9.1 | -5.0 .. +5.0 | +7.7 (outside) |"
+
+
+def test_ideal_observer_table_sets_the_pipeline_beside_what_the_tissue_prior_allows(study, monkeypatch):
+    """On the coarse test study no explanation keeps its (partial-volume) ventricles in CSF's range: no guess. With
+    every tissue in the middle of its range the ideal observer's guess is shown with the span that holds it."""
+    from scripts import gain_ambiguity
+    from scripts.phantom import TISSUE_RANGES
+
+    rows = [{"method": "m", "study": study.name, "map": name, "WM_bias": -4.2, "GM_bias": 1.0} for name in physics.MAPS]
+    lines = clinical_eval.ideal_observer_table(rows, [study], "m")
+    assert len(lines) == 2 + len(physics.MAPS) and lines[2] == f"| {study.name} | T1 | -4.2 / +1.0 | – |"
+    values = {t: np.array([np.mean(r) for r in TISSUE_RANGES[t]]) for t in (1, 2, 3)}
+    params = np.array([PROTOCOLS["philips"].timing[s] for s in physics.SERIES])
+    monkeypatch.setattr(gain_ambiguity, "tissue_values", lambda _: (values, params))
+    ideal = gain_ambiguity.prior_calibration(values, params, gain_ambiguity.WITH_CSF)
+    low, high = ideal["T1_WM"]
+    assert low < ideal["T1_WM_guess"] < high and abs(ideal["T1_WM_guess"]) < 5
+    line = clinical_eval.ideal_observer_table(rows, [study], "m")[2]
+    assert f"| -4.2 / +1.0 | {ideal['T1_WM_guess']:+.1f} [{low:+.0f}..{high:+.0f}] / " in line
 
 
 def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):

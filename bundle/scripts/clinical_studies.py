@@ -145,12 +145,14 @@ def acquire_study(
     seed: int,
     fine_voxel: float = 1.0,
     overwrite: bool = False,
+    noise: bool = True,
 ) -> list[Path]:
     """Write one head (``seed``) acquired under each of ``protocols`` ({name: Protocol}) into ``out_dir/<name>``.
 
     All acquisitions share the head, tissue values, bias field, tilt and noise levels; only the protocol
     (and storage) changes, which is what the protocol-invariance test needs. Each ``out_dir/<name>`` gets
-    ``dicom/`` and ``truth/``. ``fine_voxel`` (mm) > 1 makes a coarse, fast study for tests.
+    ``dicom/`` and ``truth/``. ``fine_voxel`` (mm) > 1 makes a coarse, fast study for tests. ``noise`` False
+    writes the same acquisition without its noise (every random draw is the same): what the geometry alone does.
     """
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
     subject = make_subject(rng, voxel_size=(fine_voxel,) * 3, lesions=bool(rng.integers(0, 4)), head=True)
@@ -162,7 +164,9 @@ def acquire_study(
     for name, protocol in protocols.items():
         study_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(8, len(folders))))
         folders.append(
-            _write_acquisition(Path(out_dir) / name, subject, bias, geometry, snr, protocol, study_rng, seed, overwrite)
+            _write_acquisition(
+                Path(out_dir) / name, subject, bias, geometry, snr, protocol, study_rng, seed, overwrite, noise
+            )
         )
     return folders
 
@@ -207,7 +211,7 @@ def _sample(volume: np.ndarray, fine_affine, grid: dict, order: int = 1) -> np.n
     return slab_means(volume, fine_affine, grid["affine"], grid["shape"], grid["thickness"], order)
 
 
-def _write_acquisition(folder, subject, bias, geometry, snr, protocol, rng, seed, overwrite) -> Path:
+def _write_acquisition(folder, subject, bias, geometry, snr, protocol, rng, seed, overwrite, noise=True) -> Path:
     if folder.exists():
         if not overwrite:
             raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
@@ -222,7 +226,7 @@ def _write_acquisition(folder, subject, bias, geometry, snr, protocol, rng, seed
         grid = geometry[name]
         signal = _sample(physics.signal(pd, t1, t2, tr, te, ti) * bias, subject["affine"], grid)
         wm = _sample(subject["labels"].astype(np.float32), subject["affine"], grid, order=0) == 3
-        sigma = signal[wm].mean() / snr[name]
+        sigma = signal[wm].mean() / snr[name] if noise else 0.0
         noisy = np.hypot(signal + rng.normal(0, sigma, signal.shape), rng.normal(0, sigma, signal.shape))
         if protocol.rescaled:
             gain = float(rng.uniform(0.5, 500.0))
@@ -275,16 +279,20 @@ def _write_truth(folder: Path, subject: dict, grid: dict) -> None:
 
 
 def write_studies(
-    out_dir: str | os.PathLike, studies=EVALUATION_STUDIES, fine_voxel: float = 1.0, overwrite: bool = False
+    out_dir: str | os.PathLike,
+    studies=EVALUATION_STUDIES,
+    fine_voxel: float = 1.0,
+    overwrite: bool = False,
+    noise: bool = True,
 ) -> list[Path]:
     """One head per (study id, protocol, seed) of ``studies`` into ``out_dir/<study id>``; returns the folders.
 
-    Studies already there (with their ``truth/``) are kept unless ``overwrite``.
+    Studies already there (with their ``truth/``) are kept unless ``overwrite``; ``noise`` as ``acquire_study``.
     """
     out = Path(out_dir)
     for study_id, protocol, seed in tqdm(studies, desc="clinical-like studies", unit="study"):
         if overwrite or not (out / study_id / "truth").is_dir():
-            acquire_study(out, {study_id: PROTOCOLS[protocol]}, seed, fine_voxel, overwrite)
+            acquire_study(out, {study_id: PROTOCOLS[protocol]}, seed, fine_voxel, overwrite, noise)
     return [out / study_id for study_id, _, _ in studies]
 
 

@@ -53,7 +53,8 @@ TISSUES = (GM, WM)
 #: no prior on CSF values applies to the label as a whole; its core (the ventricles') is CSF.
 PURE_CSF_PERCENTILE = 99.0
 #: The priors compared: tissue ranges of GM and WM only, and with pure CSF's too.
-PRIORS = {"GM, WM": (GM, WM), "GM, WM, pure CSF (T1w, T2w)": (GM, WM, CSF)}
+WITH_CSF = (GM, WM, CSF)
+PRIORS = {"GM, WM": TISSUES, "GM, WM, pure CSF (T1w, T2w)": WITH_CSF}
 
 
 def _sample(study: Path, voxels: int, seed: int):
