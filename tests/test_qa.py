@@ -55,6 +55,11 @@ def test_series_residual_above_its_own_threshold_warns():
     (warning,) = qa["warnings"]  # FLAIR: 2.11 x 0.2 = 42 % of its signal
     assert warning.startswith("FLAIR: re-synthesised from the maps with its own TR/TE/TI, it differs from the input by")
     assert f"by 42.2 % of its mean brain signal (threshold {100 * SERIES_THRESHOLDS['FLAIR']:.0f} %)" in warning
+    # after the physics refinement the residuals are the network's maps'; the warning says so, with the delivered ones'
+    (refined,) = physics_qa(residuals, images, mask, SERIES, {"T1w": 3.0, "T2w": 2.0, "FLAIR": 1.5})["warnings"]
+    assert refined.startswith("FLAIR: re-synthesised from the network's maps with its own TR/TE/TI")
+    assert "the network's maps do not explain this series well (the maps delivered after the physics refinement: " \
+           "1.5 % on the T1w grid); check its TR/TE/TI" in refined  # fmt: skip
 
 
 def test_slices_with_little_brain_are_not_judged():

@@ -194,7 +194,9 @@ class StudyWriter:
         for series, values in zip(physics.SERIES, residual, strict=True):
             _save_nifti(np.where(mask, values, 0.0), affine, out / "qa" / f"residual_{series}.nii.gz",
                         f"{series} resynthesised - input (normalised)")  # fmt: skip
-        qa = physics_qa(residual, images, mask, physics.SERIES)
+        refinement = output.get("refinement", {"enabled": False})
+        delivered = refinement.get("residual_pct", {}).get("refined")  # the refinement replaced the network's maps
+        qa = physics_qa(residual, images, mask, physics.SERIES, delivered)
         for warning in qa["warnings"]:
             LOG.warning(warning)
         qa_figure(images, maps, residual, mask, qa["worst_slice"], out / "qa.png")
@@ -204,7 +206,6 @@ class StudyWriter:
             LOG.warning(warning)
         warnings = [*self.output.warnings, *self.study.warnings, *qa["warnings"], *sliced]
         timings = self._timings(batch, time.perf_counter() - start)
-        refinement = output.get("refinement", {"enabled": False})
         report = {**self._report(batch, qa["series"], warnings, timings), "qa_figure": {"shows": qa["worst_slice"]},
                   "physics_refinement": refinement, "dicom": dicom}  # fmt: skip
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

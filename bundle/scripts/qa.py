@@ -25,7 +25,9 @@ SLICE_RATIO_THRESHOLD = 1.35
 MIN_SLICE_BRAIN = 0.25
 
 
-def physics_qa(residuals: np.ndarray, images: np.ndarray, mask: np.ndarray, series: tuple[str, ...]) -> dict:
+def physics_qa(
+    residuals: np.ndarray, images: np.ndarray, mask: np.ndarray, series: tuple[str, ...], delivered: dict | None = None
+) -> dict:
     """QA of every series, the warnings, and the worst slice (the one ``qa_figure`` shows).
 
     Args:
@@ -33,12 +35,16 @@ def physics_qa(residuals: np.ndarray, images: np.ndarray, mask: np.ndarray, seri
             are axis 3 (axis 2 of each volume), the T1w grid's slices.
         mask: (X, Y, Z) brain mask.
         series: the names of the series, in order.
+        delivered: where the physics refinement replaced the network's maps (which ``residuals`` describe), its
+            residual per series (%, ``physics_refinement.residual_pct.refined``): a warning then says which maps
+            it is about and how well the delivered ones explain the series.
 
     Returns ``{"series": {name: entry}, "warnings": [...], "worst_slice": {...}}``; slice numbers are 1-based.
     """
     brain = mask.sum(axis=(0, 1))
     judged = np.flatnonzero(brain >= MIN_SLICE_BRAIN * brain.max())
     entries, warnings, worst = {}, [], None
+    maps = "the maps" if delivered is None else "the network's maps"
     for name, residual, image in zip(series, residuals, images, strict=True):
         signal = max(float(image[mask].mean()), 1e-12)
         absolute = np.abs(np.where(mask, residual, 0.0))
@@ -61,16 +67,18 @@ def physics_qa(residuals: np.ndarray, images: np.ndarray, mask: np.ndarray, seri
             },
         }
         if relative > SERIES_THRESHOLDS[name]:
+            after = "" if delivered is None else (f" (the maps delivered after the physics refinement: "
+                                                  f"{delivered[name]:.1f} % on the T1w grid)")  # fmt: skip
             warnings.append(
-                f"{name}: re-synthesised from the maps with its own TR/TE/TI, it differs from the input by "
+                f"{name}: re-synthesised from {maps} with its own TR/TE/TI, it differs from the input by "
                 f"{100 * relative:.1f} % of its mean brain signal (threshold {100 * SERIES_THRESHOLDS[name]:.0f} %): "
-                "the maps do not explain this series well; check its TR/TE/TI and that it is the series named."
+                f"{maps} do not explain this series well{after}; check its TR/TE/TI and that it is the series named."
             )
         flagged = np.flatnonzero(ratios > SLICE_RATIO_THRESHOLD)
         if flagged.size:
             listed = ", ".join(f"{judged[i] + 1} ({ratios[i]:.2f} x)" for i in flagged)
             warnings.append(
-                f"{name}: re-synthesised from the maps, slice(s) {listed} of {mask.shape[2]} of the T1w grid differ "
+                f"{name}: re-synthesised from {maps}, slice(s) {listed} of {mask.shape[2]} of the T1w grid differ "
                 f"from the input more than {SLICE_RATIO_THRESHOLD:g} times as much as their neighbours: a corrupt "
                 "slice of this series, or of another one that spoils the maps there?"
             )
