@@ -296,7 +296,7 @@ def truth_against_delivered(figures: dict, roi: str) -> float:
 
 
 def span_table(rows: list[dict], studies: set[str], method: str) -> tuple[list[str], str]:
-    """Per study and map: the WM / GM span the calibration reports (``calibration_span_pct``, % of the delivered
+    """Per study and map: the WM / GM span the calibration reports (``calibration_span_pct``, % of the calibrated
     value) beside where the truth lies (% of the delivered ROI mean); and how often the truth is inside."""
     lines = ["| study | map | WM span % | WM truth % | GM span % | GM truth % |", "|" + "---|" * 6]
     inside = []
@@ -546,8 +546,8 @@ def main(argv=None) -> None:
         in_range="\n".join(accuracy_table(rows, in_range, methods)),
         out_of_range="\n".join(accuracy_table(rows, out_of_range, methods)),
         qa="\n".join(qa_table(rows, list(models))),
-        budget_method=next(iter(models), FITS[0]),
-        budget="\n".join(error_budget_table(rows, in_range, next(iter(models), FITS[0]))),
+        budget_method=first,
+        budget="\n".join(error_budget_table(rows, in_range, first)),
         span="\n".join(spans[0]), span_inside=spans[1],
         ideal="\n".join(ideal_observer_table(rows, [s for s in studies if s.name in in_range], first)),
         invariance="\n".join(invariance_table(invariance_rows, [m for m in methods if m != NOISE_FREE])),
