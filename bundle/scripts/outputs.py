@@ -199,7 +199,7 @@ class StudyWriter:
         qa = physics_qa(residual, images, mask, physics.SERIES, delivered)
         for warning in qa["warnings"]:
             LOG.warning(warning)
-        qa_figure(images, maps, residual, mask, qa["worst_slice"], out / "qa.png")
+        qa_figure(images, maps, residual, mask, qa["worst_slice"], out / "qa.png", delivered is not None)
         dicom = self._write_dicom(np.where(mask, maps, 0.0), out / "dicom")
         sliced = slice_warnings({name: series.volume for name, series in self.study.chosen.items()})
         for warning in sliced:
@@ -307,9 +307,16 @@ def _save_nifti(values: np.ndarray, affine: np.ndarray, path: Path, description:
 
 
 def qa_figure(
-    images: np.ndarray, maps: np.ndarray, residual: np.ndarray, mask: np.ndarray, worst: dict, path: Path
+    images: np.ndarray,
+    maps: np.ndarray,
+    residual: np.ndarray,
+    mask: np.ndarray,
+    worst: dict,
+    path: Path,
+    refined: bool = False,
 ) -> None:
-    """Inputs, maps (with colour bars in their units) and QA residuals on the worst slice of ``physics_qa``."""
+    """Inputs, maps (with colour bars in their units) and QA residuals on the worst slice of ``physics_qa``;
+    ``refined``: the maps are the physics refinement's, the residuals the network's (titles say so)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,9 +327,11 @@ def qa_figure(
     ranges = physics.DISPLAY_WINDOWS
     rows = [
         [(f"{s} input (normalised)", images[c], "gray", (0, 1), "") for c, s in enumerate(physics.SERIES)],
-        [(f"{m} map", np.where(mask, maps[c], 0), "magma" if m != "PD" else "viridis", ranges[m], u)
+        [(f"{m} map{', refined' if refined else ''}", np.where(mask, maps[c], 0), "magma" if m != "PD" else "viridis",
+          ranges[m], u)
          for c, (m, u) in enumerate(zip(physics.MAPS, physics.MAP_UNITS, strict=True))],
-        [(f"{s} QA residual", np.where(mask, residual[c], 0), "RdBu_r", (-0.3, 0.3), "of input")
+        [(f"{s} QA residual{', network maps' if refined else ''}", np.where(mask, residual[c], 0), "RdBu_r",
+          (-0.3, 0.3), "of input")
          for c, s in enumerate(physics.SERIES)],
     ]  # fmt: skip
     for row_axes, row in zip(axes, rows, strict=True):
