@@ -83,7 +83,12 @@ def prior_gain_factors(explained) -> np.ndarray:
     """(3,) factors for the current gains that the prior finds most likely, from ``plausible_explanations``: the
     mean log over the plausible explanations, times the geometric middle of their common PD scales."""
     factors, _, low, high = explained
-    return np.exp(np.log(factors).mean(axis=1)) * np.exp(np.log(np.sqrt(low * high)).mean())
+    return np.exp(np.log(factors).mean(axis=1)) * _common_pd_scale(low, high)
+
+
+def _common_pd_scale(low: np.ndarray, high: np.ndarray) -> float:
+    """The prior's common PD scale: the mean log of the geometric middles of what each explanation allows."""
+    return float(np.exp(np.log(np.sqrt(low * high)).mean()))
 
 
 def tissue_value_span(explained) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,7 +97,7 @@ def tissue_value_span(explained) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     tissue values are fixed when the receiver gains are not known."""
     _, fitted, low, high = explained
     guess = np.exp(np.log(fitted).mean(axis=2))
-    guess[2] /= np.exp(np.log(np.sqrt(low * high)).mean())
+    guess[2] /= _common_pd_scale(low, high)
     lowest, highest = fitted.min(axis=2), fitted.max(axis=2)
     lowest[2], highest[2] = (fitted[2] / high).min(axis=1), (fitted[2] / low).max(axis=1)
     return guess, lowest, highest
