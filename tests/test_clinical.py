@@ -157,6 +157,21 @@ def test_ideal_observer_table_sets_the_pipeline_beside_what_the_tissue_prior_all
     assert f"| -4.2 / +1.0 | {ideal['T1_WM_guess']:+.1f} [{low:+.0f}..{high:+.0f}] / " in line
 
 
+def test_invariance_table_ends_with_the_ideal_observers_spread():
+    """Two protocols: the pipeline's WM T1 means 1000 and 1030 spread 3.0 %; the ideal observer's guesses +5.0 and
+    +7.1 % spread (1.071 - 1.050) / 1.0605 = 2.0 %; a protocol where nothing is plausible leaves its rows out."""
+    rows = [{"method": "m", "study": s, "map": name, "WM_pred": wm, "GM_pred": 1300.0, "WM_bias": 0.0, "GM_bias": 0.0}
+            for s, wm in (("a", 1000.0), ("b", 1030.0)) for name in physics.MAPS]  # fmt: skip
+    guess = {f"{name}_{roi}_guess": 0.0 for name in physics.MAPS for roi in ("WM", "GM")}
+    ideal = [{"plausible": 5, **guess, "T1_WM_guess": g} for g in (5.0, 7.1)]
+    lines = clinical_eval.invariance_table(rows, ["m"], ideal)
+    assert len(lines) == 2 + 2 * len(physics.MAPS)
+    assert lines[2].startswith("| m | T1 | 1000 / 1030 | 3.0 |")
+    ideal_t1 = f"| {clinical_eval.IDEAL} | T1 | – | 2.0 | – | 0.0 | +6.0 [+5.0, +7.1] | +0.0 [+0.0, +0.0] |"
+    assert lines[2 + len(physics.MAPS)] == ideal_t1
+    assert len(clinical_eval.invariance_table(rows, ["m"], [ideal[0], {"plausible": 0}])) == 2 + len(physics.MAPS)
+
+
 def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     """Candidates ranked on validation studies by mean(|WM|, |GM| bias) + MPE: 2 % high everywhere scores 4."""
     from scripts import select_model

@@ -75,6 +75,7 @@ FITS = ("oracle fit", "blind fit")
 #: 4-6 mm slabs on three different grids, resampled onto the T1w grid) leaves a voxel-wise fit that knows the gains.
 NOISE_FREE = "oracle fit, noise-free images"
 NETWORK_GRID = "truth via network grid"
+IDEAL = "ideal observer (tissue prior, exact tissue values)"
 #: Targets of the accuracy issue, for the verdict lines: |WM/GM bias| (%), MPE (%), PSNR T1/PD (dB).
 TARGETS = {"bias": 3.0, "mpe": 6.0, "psnr": 30.0, "bias_out_of_range": 8.0}
 FAMILY = {study_id: protocol for study_id, protocol, _ in EVALUATION_STUDIES}
@@ -313,16 +314,21 @@ def span_table(rows: list[dict], studies: set[str], method: str) -> tuple[list[s
     return lines, f"{sum(inside)} of {len(inside)}"
 
 
+def ideal_observer(study: Path) -> dict:
+    """The tissue prior's ideal observer on ``study``: ``gain_ambiguity.prior_calibration`` with GM, WM and pure
+    CSF, reading each tissue's exact value from the truth: what a method without the receiver gains reaches on
+    that head at best on average, and the span of what the prior allows."""
+    return gain_ambiguity.prior_calibration(*gain_ambiguity.tissue_values(study), gain_ambiguity.WITH_CSF)
+
+
 def ideal_observer_table(rows: list[dict], studies: list[Path], method: str) -> list[str]:
-    """Per study and map: the WM / GM bias of ``method`` beside that of the tissue prior's ideal observer
-    (``gain_ambiguity.prior_calibration`` with GM, WM and pure CSF, reading each tissue's exact value from the
-    truth): what a method without the receiver gains reaches on that head at best on average, and its span."""
+    """Per study and map: the WM / GM bias of ``method`` beside that of the tissue prior's ideal observer."""
     lines = [
         "| study | map | WM / GM bias %, this pipeline | WM / GM bias %, ideal observer [span] |",
         "|---|---|---|---|",
     ]
     for study in studies:
-        ideal = gain_ambiguity.prior_calibration(*gain_ambiguity.tissue_values(study), gain_ambiguity.WITH_CSF)
+        ideal = ideal_observer(study)
         for name in physics.MAPS:
             (r,) = [r for r in rows if r["method"] == method and r["study"] == study.name and r["map"] == name]
             guesses = ["–"]
@@ -350,7 +356,9 @@ def qa_table(rows: list[dict], networks: list[str]) -> list[str]:
     return lines
 
 
-def invariance_table(rows: list[dict], methods: list[str]) -> list[str]:
+def invariance_table(rows: list[dict], methods: list[str], ideal: list[dict] = ()) -> list[str]:
+    """Per method and map: WM / GM ROI means under each protocol, their spread and bias; with ``ideal`` (the
+    ``ideal_observer`` of each protocol's study), the spread and bias of its best guess last."""
     lines = ["| method | map | WM mean per protocol | WM spread % | GM mean per protocol | GM spread % | "
              "WM bias % | GM bias % |", "|" + "---|" * 8]  # fmt: skip
     for method in methods:
@@ -363,6 +371,13 @@ def invariance_table(rows: list[dict], methods: list[str]) -> list[str]:
                           f"{100 * (max(means) - min(means)) / np.mean(means):.1f}"]  # fmt: skip
             cells += [_fmt([r["WM_bias"] for r in sel]), _fmt([r["GM_bias"] for r in sel])]
             lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
+    for name in physics.MAPS if ideal and all(i["plausible"] for i in ideal) else ():
+        cells = []
+        for roi in ("WM", "GM"):
+            relative = [1 + i[f"{name}_{roi}_guess"] / 100 for i in ideal]
+            cells += ["–", f"{100 * (max(relative) - min(relative)) / np.mean(relative):.1f}"]
+        cells += [_fmt([i[f"{name}_{roi}_guess"] for i in ideal]) for roi in ("WM", "GM")]
+        lines.append(f"| {IDEAL} | {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -549,8 +564,9 @@ def main(argv=None) -> None:
         budget_method=first,
         budget="\n".join(error_budget_table(rows, in_range, first)),
         span="\n".join(spans[0]), span_inside=spans[1],
-        ideal="\n".join(ideal_observer_table(rows, [s for s in studies if s.name in in_range], first)),
-        invariance="\n".join(invariance_table(invariance_rows, [m for m in methods if m != NOISE_FREE])),
+        ideal="\n".join(ideal_observer_table(rows, studies, first)),
+        invariance="\n".join(invariance_table(invariance_rows, [m for m in methods if m != NOISE_FREE],
+                                               [ideal_observer(study) for study in invariance])),
         verdicts="\n\n".join(f"**{m}**\n\n" + "\n".join(verdict(rows, m, in_range, out_of_range)) for m in methods),
     )  # fmt: skip
     (args.docs / "results.md").write_text(text)
@@ -651,7 +667,9 @@ against the normalised inputs); then, for refined runs, the same figure on the T
 
 Protocols (ms, T1w / T2w / FLAIR): philips 229.69/2.3, 2364.65/90, 7000/120/2250; siemens 550/10, 5000/100,
 9000/120/2500; ge 500/14, 4200/105, 9500/140/2375; long 800/20, 8000/130, 11000/150/2800; short 350/6,
-3500/70, 6000/80/1800. Spread = (max - min) / mean of the ROI mean across the five.
+3500/70, 6000/80/1800. Spread = (max - min) / mean of the ROI mean across the five. The last rows: the tissue
+prior's ideal observer (below, *Against the targets*) on each of the five, its best guess against each tissue's
+median true value: how far the protocol alone moves what the images allow when the receiver gains are unknown.
 
 {invariance}
 
@@ -662,7 +680,8 @@ Protocols (ms, T1w / T2w / FLAIR): philips 229.69/2.3, 2364.65/90, 7000/120/2250
 How close the bias target is to what the images allow: without the receiver gains, an *ideal observer* that reads
 each tissue's exact value from the truth and knows the tissue prior (the ranges every head is drawn from: GM, WM
 and the ventricles' core, `scripts/gain_ambiguity.py`) takes the mean of the explanations the prior keeps. Its
-bias on each in-range study, beside the shipped pipeline's, with the span of what the prior allows:
+bias on each study (out of range too, where the target is 8 %), beside the shipped pipeline's, with the span of
+what the prior allows:
 
 {ideal}
 
