@@ -548,7 +548,7 @@ class PhysicsRefined(MapTransform):
         calibrated = {}
         if self.calibrate:
             prior, gains, calibrated = self._calibrated(prior, synth, images, seen, gains, noise_counts, params)
-        noise = np.maximum(noise_counts / gains, 1e-6)
+        noise = _noise_pu(noise_counts, gains)
         refined = physics.fit_maps(seen, params, gains, prior=prior, prior_width=self.prior_width, noise=noise,
                                    iterations=self.iterations)  # fmt: skip
         out = maps.clone()
@@ -596,7 +596,7 @@ class PhysicsRefined(MapTransform):
         explained = physics.fit_maps(synth / factors[:, None], params, np.ones(3), prior=prior,
                                      prior_width=(1e3,) * 3, noise=np.ones(3), iterations=20)  # fmt: skip
         loose = physics.fit_maps(seen, params, gains, prior=explained, prior_width=(1.0,) * 3,
-                                 noise=np.maximum(noise_counts / gains, 1e-6), iterations=self.iterations)  # fmt: skip
+                                 noise=_noise_pu(noise_counts, gains), iterations=self.iterations)  # fmt: skip
         info = {"calibration": factors.round(4).tolist(), "calibration_span_pct": span}
         return calibration.level_corrected(explained, loose), gains, info
 
@@ -612,6 +612,11 @@ def _residual_pct(synth: np.ndarray, images: np.ndarray) -> dict[str, float]:
     each re-synthesis (``synth``, (3, N)) scaled by its least-squares gain; on the T1w grid, where the refinement
     fits, against the images as the fits see them (moved for partial volume where that is on)."""
     return _change_pct(physics.least_squares_gains(synth, images)[:, None] * synth, images)
+
+
+def _noise_pu(noise_counts: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """Each series' noise (counts) in p.u. under its receiver gain (counts per p.u.), floored for the fits."""
+    return np.maximum(noise_counts / gains, 1e-6)
 
 
 def _noise_sigma(image: np.ndarray, inside: np.ndarray) -> float:
