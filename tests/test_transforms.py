@@ -245,6 +245,25 @@ def test_level_correction_takes_each_level_from_the_images_and_the_detail_from_t
     assert level_corrected(prior, prior) == pytest.approx(prior)
 
 
+def test_level_correction_gives_wm_read_as_gm_less_of_gms_move():
+    """The network reads GM (1300 ms) 8 % low, at 1200, and some WM (800 ms) there too, one voxel in ten of those
+    at 1200; the images (5 % noise) put each where it is. Read at the network's T1 alone that WM took GM's move (+7.5 %,
+    to 1300 ms); read between the network and the images (about 980 ms) it takes less than half of it, while GM keeps
+    its move and the WM read right its own (none)."""
+    from scripts.calibration import level_corrected
+
+    rng = np.random.default_rng(1)
+    tissue = np.repeat([0, 1, 2], [18000, 2000, 18000])  # WM read right, WM read GM-like, GM
+    truth = np.array([[800.0, 800.0, 1300.0], [75.0, 75.0, 100.0], [70.0, 70.0, 82.0]])[:, tissue]
+    prior = truth * np.array([[1.0, 1.5, 12 / 13], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])[:, tissue]
+    fitted = truth * np.exp(rng.normal(0.0, 0.05, truth.shape))
+    move = level_corrected(prior, fitted)[0] / prior[0] - 1
+    gm_move = 13 / 12 - 1
+    assert np.median(move[tissue == 2]) == pytest.approx(gm_move, abs=0.01)
+    assert abs(np.median(move[tissue == 0])) < 0.005
+    assert 0.0 < np.median(move[tissue == 1]) < gm_move / 2
+
+
 def test_calibration_recovers_gains_the_network_got_wrong():
     """A prior that explains the images exactly, but under a T2w gain 12 % high and a FLAIR gain 8 % low (no
     residual, WM T1 far off): the refinement alone keeps that calibration; with WM, GM and the ventricles' core

@@ -460,9 +460,10 @@ class PhysicsRefined(MapTransform):
     ratios under which WM, GM and the ventricles' core (sampled by the network's T1) look like themselves
     replace the network's, and the network's maps are re-explained under them (their noise-free re-synthesis
     fitted with the new gains, exactly), then moved level by level to what the images say about each level
-    (``calibration.level_corrected``: median log ratio of a loosely held fit, per bin of the network's T1)
-    before (3). A 2D network calibrates each slice on what the slice holds, while the gains belong to the
-    whole series and most slices hold no ventricle; and it maps WM and GM with its training prior's contrast.
+    (``calibration.level_corrected``: median log ratio of a loosely held fit, per bin of the network's T1, each
+    voxel moved as the level between its network T1 and its fitted T1) before (3). A 2D network calibrates each
+    slice on what the slice holds, while the gains belong to the whole series and most slices hold no ventricle;
+    and it maps WM and GM with its training prior's contrast.
     Under a protocol outside the training ``ranges`` the network's maps, which pick the voxels each tissue is
     sampled from, are the least reliable, and calibrating there made the evaluation's out-of-range studies
     worse: the network's gains stay.
