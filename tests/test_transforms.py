@@ -247,9 +247,9 @@ def test_level_correction_takes_each_level_from_the_images_and_the_detail_from_t
 
 def test_level_correction_gives_wm_read_as_gm_less_of_gms_move():
     """The network reads GM (1300 ms) 8 % low, at 1200, and some WM (800 ms) there too, one voxel in ten of those
-    at 1200; the images (5 % noise) put each where it is. Read at the network's T1 alone that WM took GM's move (+7.5 %,
-    to 1300 ms); read between the network and the images (about 980 ms) it takes less than half of it, while GM keeps
-    its move and the WM read right its own (none)."""
+    at 1200; the images (5 % noise) put each where it is. Read at the network's T1 alone that WM took GM's move
+    (+7.5 %, to about 1290 ms); read between the network and the images (about 980 ms) it takes less than half of
+    it, while GM keeps its move and the WM read right its own (none)."""
     from scripts.calibration import level_corrected
 
     rng = np.random.default_rng(1)
