@@ -106,7 +106,7 @@ def tissue_value_span(explained) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def level_corrected(prior: np.ndarray, fitted: np.ndarray, bins: int = LEVEL_BINS) -> np.ndarray:
     """The network's maps ``prior`` (3, N) moved, level by level, to where the images put them (``fitted``, a
     loosely held fit under calibrated gains): the median log ratio per bin of the network's T1 (equal counts),
-    interpolated in T1 and applied to every voxel of the level.
+    interpolated between the bins and applied to every voxel by its level (below).
 
     With the gains right the images fix each tissue's values, but a voxel's fit carries its noise; the network
     has the spatial detail, but maps WM and GM with the contrast of its training prior. Medians over thousands of

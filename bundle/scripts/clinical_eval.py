@@ -368,17 +368,22 @@ def invariance_table(rows: list[dict], methods: list[str], ideal: list[dict] = (
             for roi in ("WM", "GM"):
                 means = [r[f"{roi}_pred"] for r in sel]
                 cells += [" / ".join(f"{m:.0f}" if name != "PD" else f"{m:.1f}" for m in means),
-                          f"{100 * (max(means) - min(means)) / np.mean(means):.1f}"]  # fmt: skip
+                          f"{_spread_pct(means):.1f}"]  # fmt: skip
             cells += [_fmt([r["WM_bias"] for r in sel]), _fmt([r["GM_bias"] for r in sel])]
             lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
     for name in physics.MAPS if ideal and all(i["plausible"] for i in ideal) else ():
         cells = []
         for roi in ("WM", "GM"):
             relative = [1 + i[f"{name}_{roi}_guess"] / 100 for i in ideal]
-            cells += ["–", f"{100 * (max(relative) - min(relative)) / np.mean(relative):.1f}"]
+            cells += ["–", f"{_spread_pct(relative):.1f}"]
         cells += [_fmt([i[f"{name}_{roi}_guess"] for i in ideal]) for roi in ("WM", "GM")]
         lines.append(f"| {IDEAL} | {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _spread_pct(values: list[float]) -> float:
+    """The invariance table's spread: (max - min) / mean, %."""
+    return 100 * (max(values) - min(values)) / np.mean(values)
 
 
 def verdict(rows: list[dict], method: str, in_range: set[str], out_of_range: set[str]) -> list[str]:
