@@ -112,8 +112,14 @@ def test_own_maps_without_fractions_train_as_they_are(tiny_cohort, tmp_path):
 
 
 def test_fine_tuning_starts_from_given_weights(tiny_cohort, tmp_path):
-    first = _workflow(TRAIN, tiny_cohort, tmp_path / "first", epochs=1)
+    first = _workflow(TRAIN, tiny_cohort, tmp_path / "first", epochs=2)
     _run(first)
+    # the evaluator's best (what its log reports) is the lowest MPE sum, the epoch model.pt was saved at
+    with open(tmp_path / "first" / "runs" / "metrics.csv") as f:
+        scores = {int(r["epoch"]): float(r["val_mpe_sum"]) for r in csv.DictReader(f)}
+    evaluator = first.parser.get_parsed_content("validate#evaluator").state
+    assert len(set(scores.values())) == 2
+    assert (evaluator.best_metric_epoch, evaluator.best_metric) == min(scores.items(), key=lambda item: item[1])
     start = tmp_path / "first" / "models" / "model.pt"
     tuned = _workflow(TRAIN, tiny_cohort, tmp_path / "tuned", epochs=1, learning_rate=0.0, init_weights=str(start))
     _run(tuned)  # a zero learning rate keeps the weights it started from

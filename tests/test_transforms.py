@@ -326,6 +326,41 @@ def test_slice_profile_box_weights():
     assert np.allclose(RandSliceProfiled.profile(3.0), [1 / 3] * 3)
 
 
+def test_interpolated_profile_reads_two_slices_of_the_series_own_grid():
+    """Slices 2 voxels thick every 2.5, one centred 1 voxel on: 0.6 of it ([0, 2]: 1/4, 1/2, 1/4 over voxels
+    0..2) and 0.4 of the one before ([-2.5, -0.5]: voxels -2 and -1 half each)."""
+    weights = RandSliceProfiled.interpolated_profile(2.0, 2.5, 1.0)
+    assert np.allclose(weights, [0.2, 0.2, 0.15, 0.3, 0.15])
+    assert np.allclose(RandSliceProfiled.interpolated_profile(2.0, 2.5, 0.0), [0, 0, 0.25, 0.5, 0.25, 0, 0])  # on a slice
+    assert np.allclose(RandSliceProfiled.profile(1.0, centre=0.5), [0.0, 0.5, 0.5])
+
+
+def test_series_off_the_reference_grid_get_slices_of_their_own():
+    """With a reference series, the maps and the reference take its centred profile and every other series
+    its own slices read by interpolation: an impulse comes back as each one's own weights."""
+    affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0]))
+    impulse = np.zeros((1, 1, 1, 15), np.float32)
+    impulse[..., 7] = 1.0
+    maps = {k: MetaTensor(torch.full((1, 1, 1, 15), v), affine=affine) for k, v in zip(physics.MAPS, (900.0, 80.0, 70.0))}
+    d = {**maps, **{k: MetaTensor(torch.from_numpy(impulse), affine=affine) for k in physics.SERIES}}
+    t = RandSliceProfiled(physics.SERIES, thickness_range=(4.0, 6.0), prob=1.0, reference_key="T1w")
+    t.set_random_state(3)
+    out = t(d)
+    assert set(t.own_slices) == {"T2w", "FLAIR"}
+    reference = RandSliceProfiled.profile(t.thickness / 2.0)
+    n = len(reference) // 2
+    assert np.allclose(out["T1w"][0, 0, 0, 7 - n : 8 + n].numpy()[::-1], reference)  # centred, symmetric
+    for key, (thickness, spacing, offset) in t.own_slices.items():
+        weights = RandSliceProfiled.interpolated_profile(thickness / 2, spacing / 2, offset / 2)
+        m = len(weights) // 2
+        # voxel i reads the impulse at 7 with the weight for offset 7 - i
+        assert np.allclose(out[key][0, 0, 0, 7 - m : 8 + m].numpy()[::-1], weights, atol=1e-6)
+        assert not np.allclose(out[key].numpy(), out["T1w"].numpy())
+    assert np.allclose(out["T1"][0, 0, 0, 7].item(), 900.0)  # uniform maps stay uniform
+    with pytest.raises(ValueError, match="reference_key"):
+        RandSliceProfiled(physics.SERIES, reference_key="PDw")
+
+
 def test_thick_slices_mix_signals_and_water_weighted_rates():
     """A 6 mm slice over a WM/CSF boundary of 3 mm voxels: the image is the mean of the two tissues'
     signals (not the signal of the mixed maps), the maps mix as water-weighted rates."""

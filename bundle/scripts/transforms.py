@@ -202,11 +202,20 @@ class RandSliceProfiled(RandomizableTransform, MapTransform):
     synthesis and before noise (each acquired voxel has noise of its own). Voxels outside the tissue keep
     their zero maps.
 
+    A clinic's series do not share their slices: the maps are delivered on the ``reference_key`` series'
+    slices, and every other series was acquired on slices of its own (own thickness, a gap, an offset) and
+    is read on the reference's by linear interpolation between its two nearest slices. With
+    ``reference_key`` the maps follow the reference's profile and each other key gets that profile of its
+    own; without it every key shares one profile.
+
     Args:
         keys: the synthesised images (signals).
         map_keys: the T1 (ms), T2 (ms) and PD (p.u.) maps, in that order.
-        thickness_range: slice thickness (mm), drawn uniformly; profiles thinner than a voxel do nothing.
+        thickness_range: slice thickness (mm), drawn uniformly per series; profiles thinner than a voxel
+            do nothing to the reference.
         prob: probability of a thick-slice sample.
+        reference_key: the series whose slices the maps are on; None: all keys share its profile.
+        gap_range: gap between a non-reference series' slices (mm), drawn uniformly per series.
     """
 
     def __init__(
@@ -215,25 +224,50 @@ class RandSliceProfiled(RandomizableTransform, MapTransform):
         map_keys: Sequence[str] = physics.MAPS,
         thickness_range: Sequence[float] = (3.0, 6.0),
         prob: float = 0.5,
+        reference_key: str | None = None,
+        gap_range: Sequence[float] = (0.0, 1.5),
     ) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         if len(map_keys) != 3:
             raise ValueError(f"map_keys must name the T1, T2 and PD maps in that order, got {map_keys}")
+        if reference_key is not None and reference_key not in self.keys:
+            raise ValueError(f"reference_key {reference_key!r} is not one of keys {self.keys}")
         self.map_keys, self.thickness_range = tuple(map_keys), tuple(float(t) for t in thickness_range)
+        self.reference_key, self.gap_range = reference_key, tuple(float(g) for g in gap_range)
         self.thickness = self.thickness_range[0]
+        self.own_slices: dict[Hashable, tuple[float, float, float]] = {}  # key: thickness, spacing (mm), offset
 
     def randomize(self, data=None) -> None:
         super().randomize(None)
         self.thickness = self.R.uniform(*self.thickness_range)
+        self.own_slices = {}
+        for key in self.keys:
+            if self.reference_key is not None and key != self.reference_key:
+                thickness = self.R.uniform(*self.thickness_range)
+                spacing = thickness + self.R.uniform(*self.gap_range)
+                self.own_slices[key] = (thickness, spacing, self.R.uniform(0.0, spacing))
 
     @staticmethod
-    def profile(width: float) -> np.ndarray:
-        """Weights of a box ``width`` voxels wide, centred on a voxel: each voxel's overlap with the box."""
+    def profile(width: float, centre: float = 0.0, reach: int = 0) -> np.ndarray:
+        """Weights of a box ``width`` voxels wide centred ``centre`` voxels off: each voxel's overlap with the
+        box, on the offsets -n..n (n at least ``reach``)."""
         half = width / 2
-        offsets = np.arange(-int(np.ceil(half - 0.5)), int(np.ceil(half - 0.5)) + 1)
-        weights = np.clip(np.minimum(offsets + 0.5, half) - np.maximum(offsets - 0.5, -half), 0.0, 1.0)
+        n = max(reach, int(np.ceil(abs(centre) + half - 0.5)))
+        offsets = np.arange(-n, n + 1)
+        weights = np.clip(np.minimum(offsets + 0.5, centre + half) - np.maximum(offsets - 0.5, centre - half), 0, 1)
         return weights / weights.sum()
+
+    @classmethod
+    def interpolated_profile(cls, width: float, spacing: float, offset: float) -> np.ndarray:
+        """Weights of a series of ``width``-voxel slices every ``spacing`` voxels, one slice centred ``offset``
+        (0 to ``spacing``) voxels past the reference voxel, read there by linear interpolation between the
+        slices on either side."""
+        after, before = offset, offset - spacing
+        reach = int(np.ceil(max(abs(after), abs(before)) + width / 2 - 0.5))
+        return (1 - offset / spacing) * cls.profile(width, after, reach) + offset / spacing * cls.profile(
+            width, before, reach
+        )
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         from scipy import ndimage
@@ -243,18 +277,23 @@ class RandSliceProfiled(RandomizableTransform, MapTransform):
         if not self._do_transform:
             return d
         maps = [convert_to_tensor(d[k], track_meta=True, dtype=torch.float32) for k in self.map_keys]
-        weights = self.profile(self.thickness / float(maps[0].pixdim[-1]))
-        if len(weights) == 1:
-            return d
+        voxel = float(maps[0].pixdim[-1])
+        weights = self.profile(self.thickness / voxel)
 
-        def average(x) -> np.ndarray:
-            return ndimage.convolve1d(convert_to_numpy(x, dtype=np.float32), weights, axis=-1, mode="constant")
+        def average(x, kernel=weights) -> np.ndarray:  # kernel[n + j] weighs the voxel j further on (n: its middle)
+            return ndimage.correlate1d(convert_to_numpy(x, dtype=np.float32), kernel, axis=-1, mode="constant")
 
         def like(value: np.ndarray, src) -> MetaTensor:
             return MetaTensor(torch.from_numpy(value.astype(np.float32)), meta=dict(src.meta))
 
         for key in self.key_iterator(d):
-            d[key] = like(average(d[key]), d[key])
+            if key in self.own_slices:
+                thickness, spacing, offset = (v / voxel for v in self.own_slices[key])
+                d[key] = like(average(d[key], self.interpolated_profile(thickness, spacing, offset)), d[key])
+            elif len(weights) > 1:
+                d[key] = like(average(d[key]), d[key])
+        if len(weights) == 1:
+            return d
         t1, t2, pd = (convert_to_numpy(m, dtype=np.float64) for m in maps)
         tissue = pd > 0
 
