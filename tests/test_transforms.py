@@ -331,7 +331,8 @@ def test_interpolated_profile_reads_two_slices_of_the_series_own_grid():
     0..2) and 0.4 of the one before ([-2.5, -0.5]: voxels -2 and -1 half each)."""
     weights = RandSliceProfiled.interpolated_profile(2.0, 2.5, 1.0)
     assert np.allclose(weights, [0.2, 0.2, 0.15, 0.3, 0.15])
-    assert np.allclose(RandSliceProfiled.interpolated_profile(2.0, 2.5, 0.0), [0, 0, 0.25, 0.5, 0.25, 0, 0])  # on a slice
+    on_a_slice = RandSliceProfiled.interpolated_profile(2.0, 2.5, 0.0)
+    assert np.allclose(on_a_slice, [0, 0, 0.25, 0.5, 0.25, 0, 0])
     assert np.allclose(RandSliceProfiled.profile(1.0, centre=0.5), [0.0, 0.5, 0.5])
 
 
@@ -341,7 +342,9 @@ def test_series_off_the_reference_grid_get_slices_of_their_own():
     affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0]))
     impulse = np.zeros((1, 1, 1, 15), np.float32)
     impulse[..., 7] = 1.0
-    maps = {k: MetaTensor(torch.full((1, 1, 1, 15), v), affine=affine) for k, v in zip(physics.MAPS, (900.0, 80.0, 70.0))}
+    maps = {
+        k: MetaTensor(torch.full((1, 1, 1, 15), v), affine=affine) for k, v in zip(physics.MAPS, (900.0, 80.0, 70.0))
+    }
     d = {**maps, **{k: MetaTensor(torch.from_numpy(impulse), affine=affine) for k in physics.SERIES}}
     t = RandSliceProfiled(physics.SERIES, thickness_range=(4.0, 6.0), prob=1.0, reference_key="T1w")
     t.set_random_state(3)
