@@ -192,6 +192,8 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     assert rows[0]["error"] == pytest.approx(4.0, abs=1e-3) and rows[1]["error"] == pytest.approx(20.0, abs=1e-3)
     assert rows[1]["T1_WM_bias"] == pytest.approx(10.0, abs=1e-3) and rows[1]["PD_mpe"] == pytest.approx(10.0, abs=1e-3)
     assert rows[1]["error_val-philips"] == pytest.approx(20.0, abs=1e-3) and rows[1]["vs_best"] == pytest.approx(16.0)
+    # PSNR in the true brain mask: errors of 2 % against 10 % of the same truth, 20 log10(5) dB apart
+    assert rows[0]["T2_psnr"] - rows[1]["T2_psnr"] == pytest.approx(20 * np.log10(5), abs=1e-4)
     # refinement prior widths are candidates too: one row per checkpoint and width
     rows = select_model.rank(["a.pt"], tmp_path, prior_widths=(None, (0.1, 0.3, 0.03)))
     assert [r["prior_width"] for r in rows] == ["0.1,0.3,0.03", "bundle's"] and rows[0]["error"] == pytest.approx(2.0)

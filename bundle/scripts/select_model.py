@@ -173,6 +173,7 @@ def rank(
                 row[f"{m}_{key}"] = float(np.mean([f[m][key] for f in per_study]))
             for roi in ("WM", "GM"):  # the signed mean hides heads off in opposite directions
                 row[f"{m}_{roi}_abs_bias"] = float(np.mean([abs(f[m][f"{roi}_bias"]) for f in per_study]))
+            row[f"{m}_psnr"] = float(np.mean([f[m]["psnr"] for f in per_study]))  # reported, not ranked on
         if not np.isnan(gain_errors).all():
             row |= dict(zip(("T2w_gain_ratio_abs_error", "FLAIR_gain_ratio_abs_error"), np.mean(gain_errors, axis=0)))
         if in_span:
@@ -226,12 +227,14 @@ def main(argv=None) -> None:
         writer.writeheader()
         writer.writerows(rows)
     maps = " | ".join(f"{m} WM / GM bias % (mean abs), MPE %" for m in physics.MAPS)
-    print(f"| checkpoint | prior width | error % | minus best's, paired ± s.e. | {maps} | gain ratio error "
-          "T2w / FLAIR % (mean abs) |")  # fmt: skip
-    print("|---|---|---|---|" + "---|" * (len(physics.MAPS) + 1))
+    psnr = " / ".join(physics.MAPS)
+    print(f"| checkpoint | prior width | error % | minus best's, paired ± s.e. | {maps} | PSNR {psnr} dB | gain ratio "
+          "error T2w / FLAIR % (mean abs) |")  # fmt: skip
+    print("|---|---|---|---|" + "---|" * (len(physics.MAPS) + 2))
     for r in rows:
         cells = [f"{r[f'{m}_WM_bias']:+.1f} / {r[f'{m}_GM_bias']:+.1f} ({r[f'{m}_WM_abs_bias']:.1f} / "
                  f"{r[f'{m}_GM_abs_bias']:.1f}), {r[f'{m}_mpe']:.1f}" for m in physics.MAPS]  # fmt: skip
+        cells.append(" / ".join(f"{r[f'{m}_psnr']:.2f}" for m in physics.MAPS))
         cells.append(f"{r['T2w_gain_ratio_abs_error']:.1f} / {r['FLAIR_gain_ratio_abs_error']:.1f}"
                      if "T2w_gain_ratio_abs_error" in r else "")  # fmt: skip
         paired = f"{r['vs_best']:+.2f} ± {r['vs_best_se']:.2f}"
