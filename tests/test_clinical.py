@@ -255,7 +255,10 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
 
     def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, flags=None):
         mapped.append(name)
+        folders.append(out.relative_to(tmp_path).as_posix())
         return truth * 1.10, {}
+
+    folders = []
 
     monkeypatch.setattr(select_model, "network_maps", fake_network_maps)
     rows = select_model.rank(["a.pt", "b.pt"], tmp_path, reuse=True)
@@ -264,6 +267,9 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
     # the same weights built with another overlay are other maps
     select_model.rank(["a.pt:train_unet.json"], tmp_path, reuse=True)
     assert mapped == ["b.pt", "a.pt"]
+    # the network's own maps live apart from the refined ones of the same weights
+    select_model.rank(["a.pt"], tmp_path, refine=False, reuse=True)
+    assert folders[-1] == "maps/a.pt_network/val-philips" and (tmp_path / "maps/a.pt/val-philips/report.json").exists()
 
 
 def test_other_gains_explain_the_images_exactly_with_other_maps(study):

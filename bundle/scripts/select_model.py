@@ -140,6 +140,7 @@ def rank(
         # report.json does not record the overlay: maps of the same weights under another overlay live apart
         folder = name.replace(os.sep, "_") + (f"_{Path(candidate_overlay).stem}" if candidate_overlay else "")
         folder += "" if width is None else "_w" + label.replace(",", "_")
+        folder += "" if refine else "_network"  # apart from the refined maps of the same weights
         folder += "" if calibrate or not refine else "_no_calibration"
         folder += "" if partial_volume or not refine else "_no_partial_volume"
         sha256 = file_sha256(checkpoint) if reuse else None
