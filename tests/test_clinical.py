@@ -270,6 +270,10 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
     # the network's own maps live apart from the refined ones of the same weights
     select_model.rank(["a.pt"], tmp_path, refine=False, reuse=True)
     assert folders[-1] == "maps/a.pt_network/val-philips" and (tmp_path / "maps/a.pt/val-philips/report.json").exists()
+    # noise-free copies of the heads are other studies with maps of their own
+    acquire_study(tmp_path / "studies_noise_free", {"val-philips": PROTOCOLS["philips"]}, 1, 4.0, noise=False)
+    select_model.rank(["a.pt"], tmp_path, reuse=True, noise=False)
+    assert folders[-1] == "maps_noise_free/a.pt/val-philips"
 
 
 def test_other_gains_explain_the_images_exactly_with_other_maps(study):

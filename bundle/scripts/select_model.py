@@ -115,6 +115,7 @@ def rank(
     calibrations=(True,),
     partial_volumes=(True,),
     heads=None,
+    noise: bool = True,
 ) -> list[dict]:
     """Score every candidate (checkpoint x refinement prior width; None: the bundle's) on every validation study.
 
@@ -123,11 +124,13 @@ def rank(
     ``calibrations``: without (False) and/or with (True) the refinement's per-study gain calibration, each a
     candidate (``--refine_calibrate``); ``partial_volumes`` likewise for fitting T2w and FLAIR as acquired on their
     own grids (``--refine_partial_volume``). ``heads``: (study id, protocol, seed) to rank on (default
-    ``VALIDATION_STUDIES``).
+    ``VALIDATION_STUDIES``). ``noise`` False: the same heads acquired without noise (``clinical_studies``), in
+    ``studies_noise_free`` and ``maps_noise_free``: what the acquisition's geometry alone does to the maps.
 
     ``reuse``: score the maps an earlier run left in ``work`` where they were made by the same weights and
     refinement (the code that made them is taken to be today's). Rows sorted by ``error`` (best first)."""
-    studies = write_studies(work / "studies", heads or VALIDATION_STUDIES)  # only those not there yet
+    kind = "" if noise else "_noise_free"
+    studies = write_studies(work / f"studies{kind}", heads or VALIDATION_STUDIES, noise=noise)  # those not there yet
     truths = {s.name: _truth(s) for s in studies}
     bundle_widths = json.loads((BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
     rows = []
@@ -147,7 +150,7 @@ def rank(
         width_used = bundle_widths if width is None else width
         per_study, gain_errors, in_span = [], [], []
         for study in studies:
-            out = work / "maps" / folder / study.name
+            out = work / f"maps{kind}" / folder / study.name
             if reuse and made_by(out, sha256, refine, width_used, calibrate, partial_volume):
                 maps, report = read_maps(out)
             else:
@@ -212,6 +215,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out-of-range", action="store_true",
                         help="rank on the out-of-range validation heads (VALIDATION_OUT_OF_RANGE) instead, "
                              "into selection_out_of_range.csv")  # fmt: skip
+    parser.add_argument("--noise-free", action="store_true",
+                        help="the same heads acquired without noise, into selection_noise_free.csv")  # fmt: skip
     parser.add_argument("--reuse", action="store_true",
                         help="score maps an earlier run made with these weights and refinement")  # fmt: skip
     args = parser.parse_args(argv)
@@ -220,9 +225,9 @@ def main(argv=None) -> None:
     calibrations, partial_volumes = switch[args.calibrate], switch[args.partial_volume]
     heads = VALIDATION_OUT_OF_RANGE if args.out_of_range else VALIDATION_STUDIES
     rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations,
-                partial_volumes, heads)  # fmt: skip
+                partial_volumes, heads, not args.noise_free)  # fmt: skip
     args.work.mkdir(parents=True, exist_ok=True)
-    table = args.work / ("selection_out_of_range.csv" if args.out_of_range else "selection.csv")
+    table = args.work / ("selection" + "_out_of_range" * args.out_of_range + "_noise_free" * args.noise_free + ".csv")
     with table.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
