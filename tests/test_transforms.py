@@ -88,6 +88,23 @@ def test_synthesis_samples_in_range_records_and_is_seeded():
     assert torch.equal(params[:, :2], torch.full((3, 2), 10.0))
 
 
+def test_log_uniform_protocols_draw_as_many_per_factor_at_the_short_end():
+    """T1w TR in 200-1200 ms: below 300 ms a tenth of uniform draws, log(1.5) / log(6) = 23 % of log-uniform ones;
+    the same seed gives the same draws either way, inside the ranges, and no inversion where TI is 0."""
+    draws = {}
+    for log_uniform in (False, True):
+        t = SynthesizeWeightedd(log_uniform=log_uniform)
+        t.set_random_state(0)
+        draws[log_uniform] = np.array([(t.randomize(), t.protocol)[1] for _ in range(4000)])
+        assert all(physics.protocol_violations(p) == [] for p in draws[log_uniform][:200])
+    short_tr = {k: np.mean(v[:, 0, 0] < 300.0) for k, v in draws.items()}
+    assert short_tr[False] == pytest.approx(0.1, abs=0.015) and short_tr[True] == pytest.approx(0.226, abs=0.02)
+    assert np.all(draws[True][:, :2, 2] == 0) and np.all(draws[True][:, 2, 2] >= 1500.0)
+    # each log-uniform draw is the same seed's uniform draw mapped onto the log range
+    fraction = (draws[False][:, 0, 0] - 200.0) / 1000.0
+    np.testing.assert_allclose(draws[True][:, 0, 0], 200.0 * 6.0**fraction, rtol=1e-9)
+
+
 def test_rician_noise_has_requested_snr():
     img = torch.full((1, 64, 64, 16), 100.0)
     mask = torch.ones_like(img)

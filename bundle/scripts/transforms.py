@@ -153,8 +153,10 @@ class SynthesizeWeightedd(RandomizableTransform, MapTransform):
     (``output_keys`` name the synthesised images in that order).
     If the data dict already holds one under ``params_key`` (a fixed protocol, e.g. a validation or an
     out-of-range test entry) it is used as is; otherwise each parameter is drawn uniformly from
-    ``ranges`` (default: the training ranges, ``physics.PROTOCOL_RANGES``). The protocol used is
-    written back to ``params_key`` so that it travels with the images to the network.
+    ``ranges`` (default: the training ranges, ``physics.PROTOCOL_RANGES``), or with ``log_uniform`` uniformly in
+    its logarithm: as many protocols per factor of TR or TE at the short end of a range as at the long end,
+    where uniform draws leave a short-TR T1w (e.g. 230 ms in 200-1200) rare. The protocol used is written back
+    to ``params_key`` so that it travels with the images to the network.
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class SynthesizeWeightedd(RandomizableTransform, MapTransform):
         output_keys: Sequence[str] = physics.SERIES,
         params_key: str = "params",
         ranges: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+        log_uniform: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob=1.0)
@@ -171,10 +174,16 @@ class SynthesizeWeightedd(RandomizableTransform, MapTransform):
         self.output_keys = tuple(output_keys)
         self.params_key = params_key
         self.low, self.high = physics.protocol_bounds(ranges)
+        self.log_uniform = log_uniform
         self.protocol = self.low
 
     def randomize(self, data=None) -> None:
-        self.protocol = self.R.uniform(self.low, self.high)
+        u = self.R.uniform(size=np.shape(self.low))
+        if self.log_uniform:  # TI of 0 (no inversion) stays 0
+            low, high = (np.maximum(b, 1e-9) for b in (self.low, self.high))
+            self.protocol = np.where(self.high > 0, low * (high / low) ** u, 0.0)
+        else:
+            self.protocol = self.low + u * (self.high - self.low)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
