@@ -6,8 +6,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 from scripts import clinical_eval, physics
-from scripts.clinical_studies import PROTOCOLS, acquire_study
+from scripts.clinical_studies import ACQUISITION_FACTORS, PROTOCOLS, acquire_study
 from scripts.study import load_study
 
 PHILIPS = np.array([[229.69, 2.3, 0.0], [2364.65, 90.0, 0.0], [7000.0, 120.0, 2250.0]])
@@ -57,7 +58,7 @@ def test_study_reads_back_as_acquired(study):
 def test_noise_free_copy_is_the_same_acquisition_without_its_noise(study, tmp_path):
     """Same head, grids and gains; outside the head the noisy study holds Rician noise, the copy exact zeros; the
     brain's signal differs by about the noise the acquisition record states (WM SNR 20-60)."""
-    (clean,) = acquire_study(tmp_path, {"philips": PROTOCOLS["philips"]}, seed=1, fine_voxel=4.0, noise=False)
+    (clean,) = acquire_study(tmp_path, {"philips": PROTOCOLS["philips"]}, seed=1, fine_voxel=4.0, without=("noise",))
     noisy_record, clean_record = (json.loads((s / "truth" / "acquisition.json").read_text()) for s in (study, clean))
     noisy, _, _ = load_study(study / "dicom")
     quiet, _, _ = load_study(clean / "dicom")
@@ -72,6 +73,34 @@ def test_noise_free_copy_is_the_same_acquisition_without_its_noise(study, tmp_pa
         assert 0.005 < relative < 0.1
     np.testing.assert_array_equal(nib.load(clean / "truth" / "T1.nii.gz").get_fdata(),
                                   nib.load(study / "truth" / "T1.nii.gz").get_fdata())  # fmt: skip
+
+
+def test_acquisition_without_its_geometry_bias_and_noise(study, tmp_path):
+    """Each factor left out does what it says; the head, tilt draw and protocol stay those of the full study."""
+    (plain,) = acquire_study(tmp_path, {"philips": PROTOCOLS["philips"]}, seed=1, fine_voxel=4.0,
+                             without=ACQUISITION_FACTORS)  # fmt: skip
+    record = json.loads((plain / "truth" / "acquisition.json").read_text())
+    assert record["without"] == sorted(ACQUISITION_FACTORS)
+    series, _, _ = load_study(plain / "dicom")
+    t1w = series["T1w"]
+    for name in ("T2w", "FLAIR"):  # on the T1w's grid
+        assert series[name].volume.shape == t1w.volume.shape
+        np.testing.assert_allclose(series[name].affine, t1w.affine, atol=1e-3)
+    np.testing.assert_allclose(np.abs(t1w.affine[:3, :3]) > 1e-6, np.eye(3, dtype=bool))  # true axial
+    assert t1w.slice_thickness == pytest.approx(6.0)  # 3 mm contiguous, scaled with the coarse anatomy as 4-5 mm are
+    assert np.linalg.norm(t1w.affine[:3, 2]) == pytest.approx(6.0, abs=1e-3)
+    # no bias field and no noise: pure WM reads gain x signal of its true values
+    truth, labels = clinical_eval._truth(plain)
+    wm = ndimage.binary_erosion(labels == 3)
+    gain = record["series"]["T1w"]["gain_counts_per_pu"]
+    ratio = t1w.volume[wm] / (gain * _signal(truth, PHILIPS[0])[wm])
+    full, _, _ = load_study(study / "dicom")
+    full_truth, full_labels = clinical_eval._truth(study)
+    full_wm = ndimage.binary_erosion(full_labels == 3)
+    full_gain = json.loads((study / "truth" / "acquisition.json").read_text())["series"]["T1w"]["gain_counts_per_pu"]
+    full_ratio = full["T1w"].volume[full_wm] / (full_gain * _signal(full_truth, PHILIPS[0])[full_wm])
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.01)
+    assert np.std(ratio) < np.std(full_ratio) / 3
 
 
 def test_scores_of_the_truth_and_of_a_known_error(study):
@@ -256,9 +285,10 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
     def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, flags=None):
         mapped.append(name)
         folders.append(out.relative_to(tmp_path).as_posix())
+        flags_seen.append(flags)
         return truth * 1.10, {}
 
-    folders = []
+    folders, flags_seen = [], []
 
     monkeypatch.setattr(select_model, "network_maps", fake_network_maps)
     rows = select_model.rank(["a.pt", "b.pt"], tmp_path, reuse=True)
@@ -271,9 +301,13 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
     select_model.rank(["a.pt"], tmp_path, refine=False, reuse=True)
     assert folders[-1] == "maps/a.pt_network/val-philips" and (tmp_path / "maps/a.pt/val-philips/report.json").exists()
     # noise-free copies of the heads are other studies with maps of their own
-    acquire_study(tmp_path / "studies_noise_free", {"val-philips": PROTOCOLS["philips"]}, 1, 4.0, noise=False)
-    select_model.rank(["a.pt"], tmp_path, reuse=True, noise=False)
-    assert folders[-1] == "maps_noise_free/a.pt/val-philips"
+    acquire_study(tmp_path / "studies_without_noise", {"val-philips": PROTOCOLS["philips"]}, 1, 4.0, ("noise",))
+    select_model.rank(["a.pt"], tmp_path, reuse=True, without=("noise",))
+    assert folders[-1] == "maps_without_noise/a.pt/val-philips"
+    # inside the true brain mask: the pipeline's --mask, maps of their own
+    select_model.rank(["a.pt"], tmp_path, reuse=True, true_mask=True)
+    assert folders[-1] == "maps/a.pt_true_mask/val-philips"
+    assert flags_seen[-1]["mask"] == tmp_path / "studies" / "val-philips" / "truth" / "mask.nii.gz"
 
 
 def test_other_gains_explain_the_images_exactly_with_other_maps(study):

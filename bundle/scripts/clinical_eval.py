@@ -96,19 +96,19 @@ def network_maps(
     study: Path,
     out: Path,
     prior_width=None,
-    flags: dict[str, bool] | None = None,
+    flags: dict[str, bool | str] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Run the README's inference command on ``study``; return the maps (3, ...) and the report.
 
     ``prior_width`` (3,) overrides the refinement's ``refine_prior_width`` (None: the bundle's); ``flags`` set
-    the refinement's switches (e.g. ``{"refine_calibrate": False}``: ``--refine_calibrate false``)."""
+    other arguments (e.g. ``{"refine_calibrate": False}``: ``--refine_calibrate false``; ``{"mask": path}``)."""
     configs = ["train.json", *([overlay] if overlay else [])]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
            str(BUNDLE / "configs" / "inference.json"), "--study_dir", str(study / "dicom"), "--output_dir", str(out),
            "--overwrite", "true", "--ckpt_path", checkpoint, "--training_configs", json.dumps(configs),
            "--refine", str(refine).lower()]  # fmt: skip
     for flag, value in (flags or {}).items():
-        cmd += [f"--{flag}", str(value).lower()]
+        cmd += [f"--{flag}", str(value).lower() if isinstance(value, bool) else str(value)]
     if prior_width is not None:
         cmd += ["--refine_prior_width", json.dumps(list(prior_width))]
     start = time.perf_counter()
@@ -237,7 +237,7 @@ def evaluate(models: dict, studies: list[Path], work: Path, noise_free: bool = F
             elif method == NETWORK_GRID:
                 maps, extra = network_grid_truth(study, truth)
             elif method == NOISE_FREE:
-                (clean,) = write_studies(work / "studies_noise_free", [SPEC[study.name]], noise=False)
+                (clean,) = write_studies(work / "studies_noise_free", [SPEC[study.name]], without=("noise",))
                 cache = work / "fits" / study.name / "oracle_fit_noise_free.npz"
                 maps, extra = fitted_maps(clean, np.isin(labels, list(ROIS)), True, cache)
             else:

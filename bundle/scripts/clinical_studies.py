@@ -44,6 +44,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+from collections.abc import Collection  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import nibabel as nib  # noqa: E402
@@ -137,6 +138,11 @@ VALIDATION_OUT_OF_RANGE = tuple((f"val-out_of_range-{k}", "out_of_range", 400 + 
 _MATRIX = {"T1w": (256, 320), "T2w": (320, 384), "FLAIR": (224, 256)}
 _DESCRIPTIONS = {"T1w": "T1W_TSE_TRA", "T2w": "T2W_TSE_TRA", "FLAIR": "T2W_FLAIR_TRA"}
 _SNR_RANGE = (20.0, 60.0)
+#: What an acquisition does beyond sampling the truth, each one removable for ablations (``acquire_study``'s
+#: ``without``): Rician noise, the coil's bias field, oblique slices, 4-5 mm slices with gaps (without: 3 mm
+#: contiguous, the training cohort's own voxels), and T2w/FLAIR on grids of their own (without: the T1w's).
+ACQUISITION_FACTORS = ("noise", "bias_field", "oblique", "thick_slices", "own_grids")
+_THIN_SLICE_MM = 3.0
 
 
 def acquire_study(
@@ -145,27 +151,36 @@ def acquire_study(
     seed: int,
     fine_voxel: float = 1.0,
     overwrite: bool = False,
-    noise: bool = True,
+    without: Collection[str] = (),
 ) -> list[Path]:
     """Write one head (``seed``) acquired under each of ``protocols`` ({name: Protocol}) into ``out_dir/<name>``.
 
     All acquisitions share the head, tissue values, bias field, tilt and noise levels; only the protocol
     (and storage) changes, which is what the protocol-invariance test needs. Each ``out_dir/<name>`` gets
-    ``dicom/`` and ``truth/``. ``fine_voxel`` (mm) > 1 makes a coarse, fast study for tests. ``noise`` False
-    writes the same acquisition without its noise (every random draw is the same): what the geometry alone does.
+    ``dicom/`` and ``truth/``. ``fine_voxel`` (mm) > 1 makes a coarse, fast study for tests. ``without``: factors
+    of ``ACQUISITION_FACTORS`` to leave out, every random draw staying the same (e.g. ``("noise",)``: the same
+    acquisition without its noise), to measure what each does to the maps; without "thick_slices" the grids have
+    more slices, so the noise and the gains drawn after it differ.
     """
+    unknown = set(without) - set(ACQUISITION_FACTORS)
+    if unknown:
+        raise ValueError(f"unknown acquisition factors {sorted(unknown)}; known: {ACQUISITION_FACTORS}")
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
     subject = make_subject(rng, voxel_size=(fine_voxel,) * 3, lesions=bool(rng.integers(0, 4)), head=True)
     bias = _bias_field(rng, subject)
+    if "bias_field" in without:
+        bias = np.ones_like(bias)
     tilt = rng.uniform(0.0, 15.0)
-    geometry = {name: _grid(rng, subject, name, tilt, fine_voxel) for name in physics.SERIES}
+    geometry = {name: _grid(rng, subject, name, tilt, fine_voxel, without) for name in physics.SERIES}
+    if "own_grids" in without:
+        geometry = dict.fromkeys(physics.SERIES, geometry["T1w"])
     snr = {name: rng.uniform(*_SNR_RANGE) for name in physics.SERIES}
     folders = []
     for name, protocol in protocols.items():
         study_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(8, len(folders))))
         folders.append(
             _write_acquisition(
-                Path(out_dir) / name, subject, bias, geometry, snr, protocol, study_rng, seed, overwrite, noise
+                Path(out_dir) / name, subject, bias, geometry, snr, protocol, study_rng, seed, overwrite, without
             )
         )
     return folders
@@ -183,9 +198,12 @@ def _bias_field(rng, subject) -> np.ndarray:
     )
 
 
-def _grid(rng, subject, series: str, tilt_deg: float, fine_voxel: float) -> dict:
-    """Oblique axial acquisition grid of one series: RAS affine with voxel (column, row, slice), and shape."""
+def _grid(rng, subject, series: str, tilt_deg: float, fine_voxel: float, without: Collection[str] = ()) -> dict:
+    """Oblique axial acquisition grid of one series: RAS affine with voxel (column, row, slice), and shape.
+    ``without`` "oblique": true axial; "thick_slices": 3 mm contiguous slices (same draws either way)."""
     angles = np.deg2rad([tilt_deg + rng.uniform(-2, 2), rng.uniform(-2, 2), rng.uniform(-2, 2)])
+    if "oblique" in without:
+        angles[:] = 0.0
     # DICOM display order: columns to the patient's left, rows to posterior, slices to superior (RAS)
     axes = rotation(angles) @ np.diag([-1.0, -1.0, 1.0])
     fov = rng.uniform(220.0, 240.0)
@@ -194,6 +212,8 @@ def _grid(rng, subject, series: str, tilt_deg: float, fine_voxel: float) -> dict
     spacing_in_plane = fov / columns
     thickness = float(rng.choice([4.0, 5.0])) * max(1.0, fine_voxel / 2)
     slice_spacing = thickness + rng.uniform(0.0, 1.5)
+    if "thick_slices" in without:
+        thickness = slice_spacing = _THIN_SLICE_MM * max(1.0, fine_voxel / 2)
     brain = nib.affines.apply_affine(subject["affine"], np.argwhere(subject["mask"] > 0))
     centre = brain.mean(axis=0) + rng.uniform(-5, 5, 3)
     along = (brain - centre) @ axes[:, 2]
@@ -211,7 +231,7 @@ def _sample(volume: np.ndarray, fine_affine, grid: dict, order: int = 1) -> np.n
     return slab_means(volume, fine_affine, grid["affine"], grid["shape"], grid["thickness"], order)
 
 
-def _write_acquisition(folder, subject, bias, geometry, snr, protocol, rng, seed, overwrite, noise=True) -> Path:
+def _write_acquisition(folder, subject, bias, geometry, snr, protocol, rng, seed, overwrite, without) -> Path:
     if folder.exists():
         if not overwrite:
             raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
@@ -220,13 +240,13 @@ def _write_acquisition(folder, subject, bias, geometry, snr, protocol, rng, seed
     study = Study(seed=f"pdpe-qmri clinical-like study {seed} {folder.name}", patient_id=f"CLIN-{seed:04d}",
                   patient_name=f"CLINICAL^{seed}", study_description=f"{protocol.vendor}-like brain")  # fmt: skip
     dicom_root = folder / "dicom" / f"{rng.integers(1e8):08d}"
-    record = {"seed": seed, "vendor": protocol.vendor, "series": {}}
+    record = {"seed": seed, "vendor": protocol.vendor, "without": sorted(without), "series": {}}
     for number, name in enumerate(physics.SERIES, start=3):
         tr, te, ti = protocol.timing[name]
         grid = geometry[name]
         signal = _sample(physics.signal(pd, t1, t2, tr, te, ti) * bias, subject["affine"], grid)
         wm = _sample(subject["labels"].astype(np.float32), subject["affine"], grid, order=0) == 3
-        sigma = signal[wm].mean() / snr[name] if noise else 0.0
+        sigma = signal[wm].mean() / snr[name] if "noise" not in without else 0.0
         noisy = np.hypot(signal + rng.normal(0, sigma, signal.shape), rng.normal(0, sigma, signal.shape))
         if protocol.rescaled:
             gain = float(rng.uniform(0.5, 500.0))
@@ -283,16 +303,16 @@ def write_studies(
     studies=EVALUATION_STUDIES,
     fine_voxel: float = 1.0,
     overwrite: bool = False,
-    noise: bool = True,
+    without: Collection[str] = (),
 ) -> list[Path]:
     """One head per (study id, protocol, seed) of ``studies`` into ``out_dir/<study id>``; returns the folders.
 
-    Studies already there (with their ``truth/``) are kept unless ``overwrite``; ``noise`` as ``acquire_study``.
+    Studies already there (with their ``truth/``) are kept unless ``overwrite``; ``without`` as ``acquire_study``.
     """
     out = Path(out_dir)
     for study_id, protocol, seed in tqdm(studies, desc="clinical-like studies", unit="study"):
         if overwrite or not (out / study_id / "truth").is_dir():
-            acquire_study(out, {study_id: PROTOCOLS[protocol]}, seed, fine_voxel, overwrite, noise)
+            acquire_study(out, {study_id: PROTOCOLS[protocol]}, seed, fine_voxel, overwrite, without)
     return [out / study_id for study_id, _, _ in studies]
 
 

@@ -57,7 +57,12 @@ from scripts.clinical_eval import (  # noqa: E402
     split_overlay,
     truth_against_delivered,
 )
-from scripts.clinical_studies import VALIDATION_OUT_OF_RANGE, VALIDATION_STUDIES, write_studies  # noqa: E402
+from scripts.clinical_studies import (  # noqa: E402
+    ACQUISITION_FACTORS,
+    VALIDATION_OUT_OF_RANGE,
+    VALIDATION_STUDIES,
+    write_studies,
+)
 from scripts.outputs import file_sha256  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -115,7 +120,8 @@ def rank(
     calibrations=(True,),
     partial_volumes=(True,),
     heads=None,
-    noise: bool = True,
+    without=(),
+    true_mask: bool = False,
 ) -> list[dict]:
     """Score every candidate (checkpoint x refinement prior width; None: the bundle's) on every validation study.
 
@@ -124,13 +130,15 @@ def rank(
     ``calibrations``: without (False) and/or with (True) the refinement's per-study gain calibration, each a
     candidate (``--refine_calibrate``); ``partial_volumes`` likewise for fitting T2w and FLAIR as acquired on their
     own grids (``--refine_partial_volume``). ``heads``: (study id, protocol, seed) to rank on (default
-    ``VALIDATION_STUDIES``). ``noise`` False: the same heads acquired without noise (``clinical_studies``), in
-    ``studies_noise_free`` and ``maps_noise_free``: what the acquisition's geometry alone does to the maps.
+    ``VALIDATION_STUDIES``). ``without``: the same heads acquired without these of
+    ``clinical_studies.ACQUISITION_FACTORS`` (e.g. ``("noise",)``), in ``studies_without_<factors>`` and
+    ``maps_without_<factors>``: what each part of the acquisition does to the maps. ``true_mask``: every study
+    mapped inside its true brain mask (``--mask``) instead of the one the pipeline finds, maps in ``*_true_mask``.
 
     ``reuse``: score the maps an earlier run left in ``work`` where they were made by the same weights and
     refinement (the code that made them is taken to be today's). Rows sorted by ``error`` (best first)."""
-    kind = "" if noise else "_noise_free"
-    studies = write_studies(work / f"studies{kind}", heads or VALIDATION_STUDIES, noise=noise)  # those not there yet
+    kind = "_without_" + "_".join(sorted(without)) if without else ""
+    studies = write_studies(work / f"studies{kind}", heads or VALIDATION_STUDIES, without=without)  # the missing ones
     truths = {s.name: _truth(s) for s in studies}
     bundle_widths = json.loads((BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
     rows = []
@@ -146,6 +154,7 @@ def rank(
         folder += "" if refine else "_network"  # apart from the refined maps of the same weights
         folder += "" if calibrate or not refine else "_no_calibration"
         folder += "" if partial_volume or not refine else "_no_partial_volume"
+        folder += "_true_mask" if true_mask else ""
         sha256 = file_sha256(checkpoint) if reuse else None
         width_used = bundle_widths if width is None else width
         per_study, gain_errors, in_span = [], [], []
@@ -162,7 +171,8 @@ def rank(
                     study,
                     out,
                     width,
-                    {"refine_calibrate": calibrate, "refine_partial_volume": partial_volume},
+                    {"refine_calibrate": calibrate, "refine_partial_volume": partial_volume}
+                    | ({"mask": study / "truth" / "mask.nii.gz"} if true_mask else {}),
                 )
             per_study.append(score(maps, *truths[study.name]))
             gain_errors.append(gain_ratio_errors(report, study))
@@ -215,8 +225,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out-of-range", action="store_true",
                         help="rank on the out-of-range validation heads (VALIDATION_OUT_OF_RANGE) instead, "
                              "into selection_out_of_range.csv")  # fmt: skip
-    parser.add_argument("--noise-free", action="store_true",
-                        help="the same heads acquired without noise, into selection_noise_free.csv")  # fmt: skip
+    parser.add_argument("--without", action="append", default=[], choices=ACQUISITION_FACTORS,
+                        help="the same heads acquired without this part of the acquisition (repeatable), into "
+                             "selection_without_<factors>.csv")  # fmt: skip
+    parser.add_argument("--true-mask", action="store_true",
+                        help="map inside each head's true brain mask, into selection_true_mask.csv")  # fmt: skip
     parser.add_argument("--reuse", action="store_true",
                         help="score maps an earlier run made with these weights and refinement")  # fmt: skip
     args = parser.parse_args(argv)
@@ -225,9 +238,10 @@ def main(argv=None) -> None:
     calibrations, partial_volumes = switch[args.calibrate], switch[args.partial_volume]
     heads = VALIDATION_OUT_OF_RANGE if args.out_of_range else VALIDATION_STUDIES
     rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations,
-                partial_volumes, heads, not args.noise_free)  # fmt: skip
+                partial_volumes, heads, args.without, args.true_mask)  # fmt: skip
     args.work.mkdir(parents=True, exist_ok=True)
-    table = args.work / ("selection" + "_out_of_range" * args.out_of_range + "_noise_free" * args.noise_free + ".csv")
+    suffix = "_without_" + "_".join(sorted(args.without)) if args.without else ""
+    table = args.work / f"selection{'_out_of_range' * args.out_of_range}{suffix}{'_true_mask' * args.true_mask}.csv"
     with table.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
