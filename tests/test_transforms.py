@@ -7,6 +7,7 @@ from scripts import physics
 from scripts.transforms import (
     BrainMaskd,
     ClipPercentiled,
+    GrowMaskd,
     MaskedMaxNormalized,
     NormalizeParametersd,
     PhysicsRefined,
@@ -208,12 +209,14 @@ def test_partial_volume_mixes_water_not_numbers():
     assert maps["T2"][0] == pytest.approx(water / (0.5 * 80 / 100 + 0.5 * 70 / 70))
 
 
-def _refinement_case(seed=0, values=((800.0, 75.0, 70.0), (1400.0, 100.0, 82.0), (4000.0, 1500.0, 98.0))):
-    """True maps of WM/GM/CSF slabs (``values``), their gain-scaled images (little noise), a prior with 10 % random
-    T1 errors."""
+def _refinement_case(
+    seed=0, values=((800.0, 75.0, 70.0), (1400.0, 100.0, 82.0), (4000.0, 1500.0, 98.0)), slabs=(8, 8, 4)
+):
+    """True maps of WM/GM/CSF slabs (``values``, ``slabs`` of each along the first axis, 20 in all), their
+    gain-scaled images (little noise), a prior with 10 % random T1 errors."""
     rng = np.random.default_rng(seed)
     values = np.asarray(values)
-    tissue = np.repeat(np.arange(3), [8, 8, 4])  # slabs along the first axis: neighbours share a tissue
+    tissue = np.repeat(np.arange(len(slabs)), slabs)  # slabs along the first axis: neighbours share a tissue
     truth = np.broadcast_to(values[tissue].T[:, :, None, None], (3, 20, 10, 10)).astype(np.float32)
     protocol = np.array([[550.0, 10.0, 0.0], [5000.0, 100.0, 0.0], [9000.0, 120.0, 2500.0]])
     gains = np.array([20.0, 15.0, 30.0])
@@ -314,6 +317,52 @@ def test_calibration_recovers_gains_the_network_got_wrong():
     assert "calibration_span_pct" not in guarded["refinement"]
     assert guarded["refinement"]["gains_per_pu"] == plain["refinement"]["gains_per_pu"]
     assert wm_t1_bias(guarded) == pytest.approx(wm_t1_bias(plain))
+
+
+def test_a_rim_beyond_the_brain_mask_is_fitted_without_moving_the_calibration():
+    """Three slabs of scalp fat (T1 380 ms, below WM's) outside the brain mask, under a network that got the T2w and
+    FLAIR gains wrong: refined on the grown mask with the brain mask as ``brain_key``, the brain's maps and gains are
+    exactly those of the brain alone and the fat is fitted to its values; let into the calibration, the fat takes
+    the low-T1 percentiles that sample WM and the gains come out wrong."""
+    from scripts.phantom import TISSUE_RANGES
+
+    fat = (380.0, 110.0, 90.0)
+    middles = [[np.mean(r) for r in TISSUE_RANGES[t]] for t in (3, 2, 1)]
+    data, truth = _refinement_case(values=[fat, *middles], slabs=(3, 5, 8, 4))
+    protocol = physics.normalize_parameters(data["params"].numpy(), inverse=True)
+    images = np.stack([data[f"{s}_grid"][0].numpy().reshape(-1) for s in physics.SERIES]).astype(np.float64)
+    wrong = np.array([20.0, 15.0 * 1.12, 30.0 * 0.92])
+    data["pred"] = torch.from_numpy(physics.fit_maps(images, protocol, wrong).reshape(truth.shape).astype(np.float32))
+    brain = torch.ones(1, 20, 10, 10)
+    brain[:, :3] = 0
+    data.update(brain_mask=brain, maps_mask=torch.ones(1, 20, 10, 10))
+    grown = PhysicsRefined(mask_key="maps_mask", brain_key="brain_mask", calibrate=True)(data)
+    alone = PhysicsRefined(mask_key="brain_mask", calibrate=True)(data)
+    mixed = PhysicsRefined(mask_key="maps_mask", calibrate=True)(data)
+    inside = brain[0] > 0
+    assert torch.allclose(grown["pred"][:, inside], alone["pred"][:, inside], rtol=1e-6)
+    assert grown["refinement"]["gains_per_pu"] == pytest.approx(alone["refinement"]["gains_per_pu"], rel=1e-9)
+    assert grown["refinement"]["gains_per_pu"] == pytest.approx([20.0, 15.0, 30.0], rel=0.03)
+    assert torch.all(alone["pred"][:, ~inside] == data["pred"][:, ~inside])  # outside its mask: not refined
+
+    def rim_error(maps):  # the fat's largest error over the maps
+        return np.abs(maps[:, ~inside].numpy() / np.array(fat)[:, None] - 1).max()
+
+    assert rim_error(data["pred"]) > 0.15 and rim_error(grown["pred"]) < 0.06  # the gains' 3 % make the rest
+    assert mixed["refinement"]["gains_per_pu"] != pytest.approx([20.0, 15.0, 30.0], rel=0.03)
+
+
+def test_grow_mask_adds_face_neighbours_per_voxel_of_margin_and_says_so():
+    mask = MetaTensor(torch.zeros(1, 7, 7, 7), affine=torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0])))
+    mask[0, 3, 3, 3] = 1
+    data = {"brain_mask": mask, "mask_info": "deepbet"}
+    one, two = (GrowMaskd("brain_mask", "maps_mask", margin)(data) for margin in (1, 2))
+    assert int(one["maps_mask"].sum()) == 7 and int(two["maps_mask"].sum()) == 25  # an octahedron of radius 1, 2
+    assert torch.equal(one["brain_mask"], mask) and torch.equal(one["maps_mask"].affine, mask.affine)
+    assert one["mask_info"] == "deepbet; maps delivered on it grown by 1 voxel (6 voxels more)"
+    assert torch.equal(GrowMaskd("brain_mask", "maps_mask", 0)(data)["maps_mask"], mask)
+    with pytest.raises(ValueError, match="margin"):
+        GrowMaskd("brain_mask", "maps_mask", -1)
 
 
 def test_mask_jitter_normalises_inside_a_grown_or_shrunk_mask_and_keeps_the_true_one():

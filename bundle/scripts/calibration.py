@@ -103,10 +103,13 @@ def tissue_value_span(explained) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return guess, lowest, highest
 
 
-def level_corrected(prior: np.ndarray, fitted: np.ndarray, bins: int = LEVEL_BINS) -> np.ndarray:
+def level_corrected(
+    prior: np.ndarray, fitted: np.ndarray, bins: int = LEVEL_BINS, sample: np.ndarray | None = None
+) -> np.ndarray:
     """The network's maps ``prior`` (3, N) moved, level by level, to where the images put them (``fitted``, a
     loosely held fit under calibrated gains): the median log ratio per bin of the network's T1 (equal counts),
-    interpolated between the bins and applied to every voxel by its level (below).
+    interpolated between the bins and applied to every voxel by its level (below). ``sample`` (N,) bool, when
+    given, holds the voxels the levels are measured on (the brain's, not a rim of other tissue around it).
 
     With the gains right the images fix each tissue's values, but a voxel's fit carries its noise; the network
     has the spatial detail, but maps WM and GM with the contrast of its training prior. Medians over thousands of
@@ -119,10 +122,12 @@ def level_corrected(prior: np.ndarray, fitted: np.ndarray, bins: int = LEVEL_BIN
     voxel's own noise does not pick the move it is measured by."""
     ratio = np.log(np.maximum(fitted, 1e-6) / np.maximum(prior, 1e-6))
     where = np.sqrt(prior[0] * np.maximum(fitted[0], 1e-6))
-    edges = np.percentile(prior[0], np.linspace(0.0, 100.0, bins + 1))
-    levels = [(prior[0] >= lo) & (prior[0] <= hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
-    centres = np.array([np.median(where[level]) for level in levels])
-    shifts = np.stack([np.median(ratio[:, level], axis=1) for level in levels], axis=1)  # (3, bins)
+    measured = slice(None) if sample is None else sample
+    t1, at, moved = prior[0, measured], where[measured], ratio[:, measured]
+    edges = np.percentile(t1, np.linspace(0.0, 100.0, bins + 1))
+    levels = [(t1 >= lo) & (t1 <= hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    centres = np.array([np.median(at[level]) for level in levels])
+    shifts = np.stack([np.median(moved[:, level], axis=1) for level in levels], axis=1)  # (3, bins)
     order = np.argsort(centres)  # np.interp needs increasing centres; the fit can swap two close bins
     return prior * np.exp(np.stack([np.interp(where, centres[order], shift[order]) for shift in shifts]))
 

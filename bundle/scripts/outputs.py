@@ -136,8 +136,9 @@ def file_sha256(path: str | Path) -> str:
 class StudyWriter:
     """Ignite handler of the inference evaluator: writes every output of the one study it processes.
 
-    ``<out>/T1_map.nii.gz``, ``T2_map.nii.gz`` (ms), ``PD_map.nii.gz`` (p.u.), ``mask.nii.gz`` on the
-    T1w grid; ``qa/`` residual maps; ``dicom/`` Parametric Maps (DICOM input only); ``qa.png`` and
+    ``<out>/T1_map.nii.gz``, ``T2_map.nii.gz`` (ms), ``PD_map.nii.gz`` (p.u.) on the maps' support (``maps_mask``:
+    the brain mask grown by a margin, when the batch holds it) and the brain mask ``mask.nii.gz``, on the T1w grid;
+    ``qa/`` residual maps (in the brain mask); ``dicom/`` Parametric Maps (DICOM input only); ``qa.png`` and
     ``report.json`` (inputs, choices, model, warnings, QA, timings).
 
     Args:
@@ -186,9 +187,10 @@ class StudyWriter:
         affine = self.study.chosen["T1w"].affine
         maps = convert_to_numpy(output["pred"])
         mask = convert_to_numpy(batch["brain_mask"])[0] > 0
+        support = convert_to_numpy(batch["maps_mask"])[0] > 0 if "maps_mask" in batch else mask
         residual = convert_to_numpy(output["residual"])
         for name, values, unit in zip(physics.MAPS, maps, physics.MAP_UNITS, strict=True):
-            _save_nifti(np.where(mask, values, 0.0), affine, out / f"{name}_map.nii.gz", f"{name} map ({unit})")
+            _save_nifti(np.where(support, values, 0.0), affine, out / f"{name}_map.nii.gz", f"{name} map ({unit})")
         _save_nifti(mask.astype(np.uint8), affine, out / "mask.nii.gz", "brain mask")
         images = convert_to_numpy(output["image"])
         for series, values in zip(physics.SERIES, residual, strict=True):
@@ -200,7 +202,7 @@ class StudyWriter:
         for warning in qa["warnings"]:
             LOG.warning(warning)
         qa_figure(images, maps, residual, mask, qa["worst_slice"], out / "qa.png", delivered is not None)
-        dicom = self._write_dicom(np.where(mask, maps, 0.0), out / "dicom")
+        dicom = self._write_dicom(np.where(support, maps, 0.0), out / "dicom")
         sliced = slice_warnings({name: series.volume for name, series in self.study.chosen.items()})
         for warning in sliced:
             LOG.warning(warning)

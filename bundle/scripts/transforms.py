@@ -1,8 +1,9 @@
-"""MONAI dictionary transforms of the PDPE-Net pipeline (METHOD §2), declared in the bundle configs.
+"""MONAI dictionary transforms of the PDPE-Net pipeline, declared in the bundle configs.
 
 Only what MONAI lacks lives here: masked percentile clipping, signal-equation synthesis with random
 protocols, Rician noise at a given SNR, masked max normalisation, the fixed scalings of maps and
-sequence parameters, and for study inference the brain mask and the physics QA residual.
+sequence parameters, and for study inference the brain mask (and the margin the maps reach beyond it), the
+physics QA residual and the physics refinement.
 Cropping/padding, flips, zoom, bias field and misregistration are MONAI's own
 transforms, used directly in the configs.
 """
@@ -21,6 +22,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform, ResampleToMatch
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 from monai.utils import convert_to_numpy, convert_to_tensor
+from scipy import ndimage
 from scripts import calibration, partial_volume, phantom, physics
 
 
@@ -442,6 +444,36 @@ class BrainMaskd(MapTransform):
         return d
 
 
+class GrowMaskd(MapTransform):
+    """The mask in ``keys`` grown by ``margin`` voxels (face neighbours, one voxel a step) into ``name``, and a
+    sentence saying so appended to ``info_key`` (when the data hold it).
+
+    deepbet draws its brain mask tight: it leaves out voxels of cortex and sulcal CSF at its edge and, on
+    4-5 mm slices, much of the brain's first and last slices. The maps are delivered on the grown mask, so that
+    those voxels carry values, while the brain mask stays what sets the receiver gains (``PhysicsRefined``'s
+    ``brain_key``) and what ``mask.nii.gz`` holds. The rim it adds is mostly skull and scalp: fitted, not brain.
+    """
+
+    def __init__(self, keys: KeysCollection, name: str, margin: int = 1, info_key: str = "mask_info") -> None:
+        super().__init__(keys)
+        if margin < 0:
+            raise ValueError(f"GrowMaskd: margin must be 0 or more voxels, got {margin}")
+        self.name, self.margin, self.info_key = name, int(margin), info_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        (key,) = self.keys
+        mask = convert_to_tensor(d[key], track_meta=True)
+        inside = convert_to_numpy(mask)[0] > 0
+        grown = ndimage.binary_dilation(inside, iterations=self.margin) if self.margin else inside
+        d[self.name] = MetaTensor(torch.from_numpy(grown[None]).to(torch.float32), meta=dict(mask.meta))
+        if self.info_key in d:
+            added = int(grown.sum() - inside.sum())
+            steps = f"{self.margin} voxel{'' if self.margin == 1 else 's'}"
+            d[self.info_key] = f"{d[self.info_key]}; maps delivered on it grown by {steps} ({added} voxels more)"
+        return d
+
+
 @lru_cache(maxsize=1)
 def _deepbet():
     from deepbet.bet import BrainExtraction  # imports torch models: only when a mask is needed
@@ -525,7 +557,10 @@ class PhysicsRefined(MapTransform):
         keys: the predicted (T1, T2, PD) maps in ms, ms, p.u., on the grid of ``image_keys``.
         image_keys: the T1w, T2w and FLAIR images on that grid, before any normalisation.
         params_key: the protocol as the network saw it (``physics.PARAMETER_SCALE``).
-        mask_key: voxels to refine (the brain mask).
+        mask_key: voxels to refine and deliver (the brain mask, or a margin beyond it: ``GrowMaskd``).
+        brain_key: the brain mask, when ``mask_key`` reaches beyond it: only its voxels set the gains, the noise,
+            the calibration and the level correction's levels (a rim of skull and scalp would pull them), and the
+            residuals reported; the rim is fitted like the rest. None: every voxel of ``mask_key``.
         info_key: where a summary for the report goes (gains, noise, median change per map from the network's).
         prior_width: (3,) prior standard deviations of log T1, log T2, log PD: how far the network's maps may be
             off (0.1 = 10 %). The bundle sets them in ``inference.json`` (``refine_prior_width``), chosen on
@@ -549,6 +584,7 @@ class PhysicsRefined(MapTransform):
         image_keys: Sequence[str] = ("T1w_grid", "T2w_grid", "FLAIR_grid"),
         params_key: str = "params",
         mask_key: str = "brain_mask",
+        brain_key: str | None = None,
         info_key: str = "refinement",
         prior_width: Sequence[float] = (1.0, 1.0, 1.0),
         tissue_t1_ms: float = 2000.0,
@@ -562,10 +598,11 @@ class PhysicsRefined(MapTransform):
         super().__init__(keys)
         self.enabled, self.calibrate, self.ranges = enabled, calibrate, ranges
         self.acquired_keys, self.partial_volume = tuple(acquired_keys), partial_volume
-        self.image_keys, self.params_key, self.mask_key, self.info_key = (
+        self.image_keys, self.params_key, self.mask_key, self.brain_key, self.info_key = (
             tuple(image_keys),
             params_key,
             mask_key,
+            brain_key,
             info_key,
         )
         self.prior_width, self.tissue_t1_ms, self.iterations = tuple(prior_width), tissue_t1_ms, iterations
@@ -578,17 +615,19 @@ class PhysicsRefined(MapTransform):
         (key,) = self.keys
         maps = convert_to_tensor(d[key], track_meta=True)
         inside = _in_mask(d[self.mask_key]).numpy()
+        brain_volume = _in_mask(d[self.brain_key]).numpy() & inside if self.brain_key else inside
+        brain = brain_volume[inside]
         network = prior = convert_to_numpy(maps, dtype=np.float64)[:, inside]
         volumes = np.stack([convert_to_numpy(d[k], dtype=np.float64)[0] for k in self.image_keys])
         images = volumes[:, inside]
         params = physics.normalize_parameters(convert_to_numpy(d[self.params_key], dtype=np.float64), inverse=True)
         params = params.reshape(3, 3)
         synth = physics.synthesize(prior, params)
-        tissue = (prior[0] < self.tissue_t1_ms) & np.all(synth > 0, axis=0)
+        tissue = (prior[0] < self.tissue_t1_ms) & np.all(synth > 0, axis=0) & brain
         if tissue.sum() < 100:
             raise ValueError("PhysicsRefined: fewer than 100 tissue voxels to calibrate the series' gains on")
         gains = np.median(images[:, tissue] / synth[:, tissue], axis=1)
-        noise_counts = np.array([_noise_sigma(convert_to_numpy(d[k])[0], inside) for k in self.image_keys])
+        noise_counts = np.array([_noise_sigma(convert_to_numpy(d[k])[0], brain_volume) for k in self.image_keys])
         seen = images
         if self.partial_volume:
             grid = np.asarray(convert_to_numpy(maps.affine), dtype=np.float64)
@@ -596,7 +635,7 @@ class PhysicsRefined(MapTransform):
             seen = partial_volume.corrected_images(volumes, synth * gains[:, None], inside, grid, acquired)
         calibrated = {}
         if self.calibrate:
-            prior, gains, calibrated = self._calibrated(prior, synth, images, seen, gains, noise_counts, params)
+            prior, gains, calibrated = self._calibrated(prior, synth, images, seen, gains, noise_counts, params, brain)
         noise = _noise_pu(noise_counts, gains)
         refined = physics.fit_maps(seen, params, gains, prior=prior, prior_width=self.prior_width, noise=noise,
                                    iterations=self.iterations)  # fmt: skip
@@ -605,8 +644,8 @@ class PhysicsRefined(MapTransform):
         d[key] = out
         change = np.median(np.abs(refined[:, tissue] / network[:, tissue] - 1), axis=1)
         residual = {
-            "network": _residual_pct(synth, seen),
-            "refined": _residual_pct(physics.synthesize(refined, params), seen),
+            "network": _residual_pct(synth[:, brain], seen[:, brain]),
+            "refined": _residual_pct(physics.synthesize(refined[:, brain], params), seen[:, brain]),
         }
         d[self.info_key] = {
             "enabled": True,
@@ -621,16 +660,17 @@ class PhysicsRefined(MapTransform):
         }
         return d
 
-    def _calibrated(self, prior, synth, images, seen, gains, noise_counts, params):
+    def _calibrated(self, prior, synth, images, seen, gains, noise_counts, params, brain):
         """The per-study gain calibration (class docstring): (prior, gains, report entries) for the refinement;
         where it does not apply, the network's prior and gains, ``calibration`` None and a note saying why. The
-        gains come from tissue medians of the ``images``; the level correction fits the images as the fits see
-        them (``seen``). ``calibration_span_pct``: the lowest and highest WM and GM value of each map among the
-        explanations the tissue prior allows, % of the calibrated value: what the images leave open."""
+        gains come from tissue medians of the ``images`` in the ``brain``; the level correction fits the images as
+        the fits see them (``seen``), measures the levels in the ``brain`` and moves every voxel.
+        ``calibration_span_pct``: the lowest and highest WM and GM value of each map among the explanations the
+        tissue prior allows, % of the calibrated value: what the images leave open."""
         if physics.protocol_violations(params, self.ranges):
             return prior, gains, {"calibration": None, "calibration_note": "protocol outside the training ranges: "
                                   "the network's gains kept"}  # fmt: skip
-        signals = calibration.tissue_signals(images / gains[:, None], prior[0])
+        signals = calibration.tissue_signals(images[:, brain] / gains[:, None], prior[0, brain])
         if (allowed := calibration.plausible_explanations(signals, params)) is None:
             return prior, gains, {"calibration": None, "calibration_note": "no gains put WM, GM and CSF inside "
                                   "their ranges: the network's gains kept"}  # fmt: skip
@@ -647,7 +687,7 @@ class PhysicsRefined(MapTransform):
         loose = physics.fit_maps(seen, params, gains, prior=explained, prior_width=(1.0,) * 3,
                                  noise=_noise_pu(noise_counts, gains), iterations=self.iterations)  # fmt: skip
         info = {"calibration": factors.round(4).tolist(), "calibration_span_pct": span}
-        return calibration.level_corrected(explained, loose), gains, info
+        return calibration.level_corrected(explained, loose, sample=brain), gains, info
 
 
 def _change_pct(moved: np.ndarray, images: np.ndarray) -> dict[str, float]:
