@@ -61,6 +61,7 @@ from scripts import gain_ambiguity, metrics, physics  # noqa: E402
 from scripts.clinical_studies import (  # noqa: E402
     EVALUATION_STUDIES,
     INVARIANCE_PROTOCOLS,
+    without_suffix,
     write_evaluation_studies,
     write_studies,
 )
@@ -224,7 +225,7 @@ def _truth(study: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate(models: dict, studies: list[Path], work: Path, noise_free: bool = False) -> tuple[list[dict], dict]:
     """Score every method on every study; returns CSV rows and {study: {method: (maps, extra)}} for figures.
-    ``noise_free``: also the oracle fit of each study's noise-free copy (``work/studies_noise_free``, written when
+    ``noise_free``: also the oracle fit of each study's noise-free copy (``work/studies_without_noise``, written when
     missing; evaluation studies only)."""
     rows, kept = [], defaultdict(dict)
     for study in studies:
@@ -237,7 +238,8 @@ def evaluate(models: dict, studies: list[Path], work: Path, noise_free: bool = F
             elif method == NETWORK_GRID:
                 maps, extra = network_grid_truth(study, truth)
             elif method == NOISE_FREE:
-                (clean,) = write_studies(work / "studies_noise_free", [SPEC[study.name]], without=("noise",))
+                quiet = ("noise",)
+                (clean,) = write_studies(work / f"studies{without_suffix(quiet)}", [SPEC[study.name]], without=quiet)
                 cache = work / "fits" / study.name / "oracle_fit_noise_free.npz"
                 maps, extra = fitted_maps(clean, np.isin(labels, list(ROIS)), True, cache)
             else:

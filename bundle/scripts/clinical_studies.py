@@ -298,6 +298,11 @@ def _write_truth(folder: Path, subject: dict, grid: dict) -> None:
     write_subject(truth, folder)
 
 
+def without_suffix(without: Collection[str]) -> str:
+    """Folder and table suffix of studies acquired without these ``ACQUISITION_FACTORS`` ("" for none)."""
+    return "_without_" + "_".join(sorted(set(without))) if without else ""
+
+
 def write_studies(
     out_dir: str | os.PathLike,
     studies=EVALUATION_STUDIES,

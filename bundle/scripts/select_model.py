@@ -61,6 +61,7 @@ from scripts.clinical_studies import (  # noqa: E402
     ACQUISITION_FACTORS,
     VALIDATION_OUT_OF_RANGE,
     VALIDATION_STUDIES,
+    without_suffix,
     write_studies,
 )
 from scripts.outputs import file_sha256  # noqa: E402
@@ -137,7 +138,7 @@ def rank(
 
     ``reuse``: score the maps an earlier run left in ``work`` where they were made by the same weights and
     refinement (the code that made them is taken to be today's). Rows sorted by ``error`` (best first)."""
-    kind = _without_suffix(without)
+    kind = without_suffix(without)
     studies = write_studies(work / f"studies{kind}", heads or VALIDATION_STUDIES, without=without)  # the missing ones
     truths = {s.name: _truth(s) for s in studies}
     bundle_widths = json.loads((BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
@@ -203,11 +204,6 @@ def rank(
     return rows
 
 
-def _without_suffix(without) -> str:
-    """Folder and table suffix of heads acquired without these ``ACQUISITION_FACTORS`` ("" for none)."""
-    return "_without_" + "_".join(sorted(set(without))) if without else ""
-
-
 def _widths(text: str) -> tuple[float, float, float]:
     widths = tuple(float(w) for w in text.split(","))
     if len(widths) != 3 or min(widths) <= 0:
@@ -245,7 +241,7 @@ def main(argv=None) -> None:
     rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations,
                 partial_volumes, heads, args.without, args.true_mask)  # fmt: skip
     args.work.mkdir(parents=True, exist_ok=True)
-    kind = _without_suffix(args.without)
+    kind = without_suffix(args.without)
     table = args.work / f"selection{'_out_of_range' * args.out_of_range}{kind}{'_true_mask' * args.true_mask}.csv"
     with table.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
