@@ -337,3 +337,22 @@ def test_tissue_prior_narrows_the_explanations_to_a_best_guess():
     with_csf = gain_ambiguity.prior_calibration(values, params, (1, 2, 3), ratios)
     assert with_csf["truth_plausible"] and 1 <= with_csf["plausible"] < wm_gm["plausible"]
     assert with_csf["T1_WM"][1] - with_csf["T1_WM"][0] < high - low
+
+
+def test_error_budget_places_the_squared_error_by_tissue_boundary_and_unmapped_voxels():
+    """WM (label 3) in columns 1-3 of each slice, GM (2) in 4-6: an error of 10 in GM's column beside WM (6 voxels a
+    slice), and one WM voxel inside WM left unmapped (0 where the truth is 100)."""
+    labels = np.zeros((8, 8, 2), np.uint8)
+    labels[1:7, 1:4], labels[1:7, 4:7] = 3, 2
+    truth = np.where(labels > 0, 100.0, 0.0)
+    pred = truth.copy()
+    pred[1:7, 4] += 10.0  # 12 GM voxels at the boundary, 100 each in squared error
+    pred[3, 2, 0] = 0.0  # unmapped WM away from any boundary: 10000
+    boundary = clinical_eval.tissue_boundary(labels)
+    assert boundary[1:7, 3:5].all() and not boundary[2:6, 2].any()
+    budget = clinical_eval.error_budget(pred, truth, labels)
+    total = 12 * 100 + 10000
+    assert budget["sse_GM_pct"] == pytest.approx(100 * 1200 / total)
+    assert budget["sse_WM_pct"] == budget["sse_unmapped_pct"] == pytest.approx(100 * 10000 / total)
+    assert budget["sse_boundary_pct"] == pytest.approx(100 * 1200 / total)
+    assert budget["psnr_mapped"] == pytest.approx(-10 * np.log10(1200 / 100**2 / (labels > 0).sum()))
