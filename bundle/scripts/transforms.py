@@ -92,15 +92,11 @@ class RandMaskJitterd(RandomizableTransform):
         self.radius = int(self.R.randint(1, self.max_radius + 1)) * (1 if self.R.rand() < 0.5 else -1)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        from scipy import ndimage
-
         self.randomize()
         d = dict(data)
         true_mask = d[self.mask_key]
         if self._do_transform:
-            inside = convert_to_numpy(true_mask)[0] > 0
-            morph = ndimage.binary_dilation if self.radius > 0 else ndimage.binary_erosion
-            jittered = morph(inside, iterations=abs(self.radius)).astype(np.float32)[None]
+            jittered = _grown(convert_to_numpy(true_mask)[0] > 0, self.radius).astype(np.float32)[None]
             d[self.mask_key] = convert_to_tensor(jittered, track_meta=False).to(true_mask)
         d = dict(self.transform(d))
         d[self.mask_key] = true_mask
@@ -281,8 +277,6 @@ class RandSliceProfiled(RandomizableTransform, MapTransform):
         )
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        from scipy import ndimage
-
         self.randomize()
         d = dict(data)
         if not self._do_transform:
@@ -465,13 +459,22 @@ class GrowMaskd(MapTransform):
         (key,) = self.keys
         mask = convert_to_tensor(d[key], track_meta=True)
         inside = convert_to_numpy(mask)[0] > 0
-        grown = ndimage.binary_dilation(inside, iterations=self.margin) if self.margin else inside
+        grown = _grown(inside, self.margin)
         d[self.name] = MetaTensor(torch.from_numpy(grown[None]).to(torch.float32), meta=dict(mask.meta))
         if self.info_key in d:
             added = int(grown.sum() - inside.sum())
             steps = f"{self.margin} voxel{'' if self.margin == 1 else 's'}"
             d[self.info_key] = f"{d[self.info_key]}; maps delivered on it grown by {steps} ({added} voxels more)"
         return d
+
+
+def _grown(inside: np.ndarray, voxels: int) -> np.ndarray:
+    """``inside`` grown by ``voxels`` steps to face neighbours, shrunk where negative, unchanged for 0 (scipy
+    would repeat a step of 0 iterations until nothing changes)."""
+    if voxels == 0:
+        return inside
+    morph = ndimage.binary_dilation if voxels > 0 else ndimage.binary_erosion
+    return morph(inside, iterations=abs(voxels))
 
 
 @lru_cache(maxsize=1)
