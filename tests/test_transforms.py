@@ -350,6 +350,17 @@ def test_a_rim_beyond_the_brain_mask_is_fitted_without_moving_the_calibration():
 
     assert rim_error(data["pred"]) > 0.15 and rim_error(grown["pred"]) < 0.06  # the gains' 3 % make the rest
     assert mixed["refinement"]["gains_per_pu"] != pytest.approx([20.0, 15.0, 30.0], rel=0.03)
+    # the partial-volume correction reacquires the brain against its measured rim, not the network's signal there
+    shifted = torch.eye(4, dtype=torch.float64)
+    shifted[0, 3] = 0.5
+    for s in ("T2w", "FLAIR"):
+        data[f"{s}_acquired"] = MetaTensor(torch.zeros(1, 20, 10, 10), affine=shifted, meta={"slice_thickness": 1.0})
+    grown, alone = (
+        PhysicsRefined(mask_key=k, brain_key="brain_mask", calibrate=True, partial_volume=True)(data)
+        for k in ("maps_mask", "brain_mask")
+    )
+    assert grown["refinement"]["partial_volume_pct"]["T2w"] > 0.1
+    assert torch.allclose(grown["pred"][:, inside], alone["pred"][:, inside], rtol=1e-6)
 
 
 def test_grow_mask_adds_face_neighbours_per_voxel_of_margin_and_says_so():

@@ -635,7 +635,9 @@ class PhysicsRefined(MapTransform):
         if self.partial_volume:
             grid = np.asarray(convert_to_numpy(maps.affine), dtype=np.float64)
             acquired = [d[k] if k in d else None for k in self.acquired_keys]
-            seen = partial_volume.corrected_images(volumes, synth * gains[:, None], inside, grid, acquired)
+            # the network's maps model the brain only: the rim beyond it keeps its measured signal
+            predicted = np.where(brain, synth * gains[:, None], images)
+            seen = partial_volume.corrected_images(volumes, predicted, inside, grid, acquired)
         calibrated = {}
         if self.calibrate:
             prior, gains, calibrated = self._calibrated(prior, synth, images, seen, gains, noise_counts, params, brain)
