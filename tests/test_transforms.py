@@ -322,8 +322,9 @@ def test_calibration_recovers_gains_the_network_got_wrong():
 def test_a_rim_beyond_the_brain_mask_is_fitted_without_moving_the_calibration():
     """Three slabs of scalp fat (T1 380 ms, below WM's) outside the brain mask, under a network that got the T2w and
     FLAIR gains wrong: refined on the grown mask with the brain mask as ``brain_key``, the brain's maps and gains are
-    exactly those of the brain alone and the fat is fitted to its values; let into the calibration, the fat takes
-    the low-T1 percentiles that sample WM and the gains come out wrong."""
+    exactly those of the brain alone and the fat is fitted to its values, also with T2w and FLAIR acquired on slabs
+    of their own (the partial-volume model reacquires the brain's edge against the rim's measured signal); let into
+    the calibration, the fat takes the low-T1 percentiles that sample WM and the gains come out wrong."""
     from scripts.phantom import TISSUE_RANGES
 
     fat = (380.0, 110.0, 90.0)
