@@ -284,6 +284,22 @@ def test_level_correction_gives_wm_read_as_gm_less_of_gms_move():
     assert 0.0 < np.median(move[tissue == 1]) < gm_move / 2
 
 
+def test_level_correction_leaves_csf_where_the_network_put_it():
+    """The fit reads CSF (4000 ms) 15 % high in T1 and 7 % in PD, as a one-compartment fit of CSF mixed with its
+    neighbours' slabs does even without noise, and GM 8 % above the network: GM takes its move, CSF none."""
+    from scripts.calibration import CSF_LEVEL_T1_MS, level_corrected
+
+    tissue = np.repeat([0, 1, 2], [16000, 16000, 8000])  # WM, GM, CSF
+    prior = np.array([[800.0, 1300.0, 4000.0], [75.0, 100.0, 1500.0], [70.0, 82.0, 97.0]])[:, tissue]
+    fitted = prior * np.array([[1.0, 1.08, 1.15], [1.0, 1.0, 1.0], [1.0, 1.0, 1.07]])[:, tissue]
+    corrected = level_corrected(prior, fitted)
+    assert corrected[:, tissue == 2] == pytest.approx(prior[:, tissue == 2])
+    assert corrected[0, tissue == 1] == pytest.approx(1.08 * prior[0, tissue == 1])
+    # with the ceiling above CSF its level takes the fit's bias
+    assert level_corrected(prior, fitted, csf_t1_ms=5000.0)[0, tissue == 2] == pytest.approx(1.15 * 4000.0)
+    assert prior[0, tissue == 1].max() < CSF_LEVEL_T1_MS < prior[0, tissue == 2].min()
+
+
 def test_calibration_recovers_gains_the_network_got_wrong():
     """A prior that explains the images exactly, but under a T2w gain 12 % high and a FLAIR gain 8 % low (no
     residual, WM T1 far off): the refinement alone keeps that calibration; with WM, GM and the ventricles' core
