@@ -212,6 +212,7 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, flags=None):
         scale = 1.0 if flags["refine_calibrate"] else 1.1
         scale *= 1.0 if flags["refine_partial_volume"] else 0.95
+        scale *= 1.0 if flags["refine_water_fraction"] else 0.97
         return clinical_eval._truth(study)[0] * factor[name, prior_width] * scale, {}
 
     monkeypatch.setattr(select_model, "network_maps", fake_network_maps)
@@ -234,6 +235,8 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     # and without the partial-volume model: its own label (and maps folder)
     (row,) = select_model.rank(["b.pt"], tmp_path, partial_volumes=(False,))
     assert row["prior_width"] == "bundle's, no partial volume" and row["error"] == pytest.approx(2 * 3.1, abs=1e-3)
+    (row,) = select_model.rank(["b.pt"], tmp_path, water_fractions=(False,))  # 1.02 x 0.97: 1.06 % low
+    assert row["prior_width"] == "bundle's, no water fraction" and row["error"] == pytest.approx(2 * 1.06, abs=1e-3)
     # a candidate's own overlay (path:overlay) replaces --overlay for it alone
     overlays = {}
 
@@ -277,7 +280,7 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
             nib.save(nib.Nifti1Image(values, np.eye(4)), out / f"{m}_map.nii.gz")
         report = {"model": {"checkpoint_sha256": file_sha256(name)},
                   "physics_refinement": {"enabled": True, "prior_width_log": widths, "calibration": None,
-                                         "partial_volume": True}}  # fmt: skip
+                                         "partial_volume": True, "water_fraction": {}}}  # fmt: skip
         (out / "report.json").write_text(json.dumps(report))
     Path("b.pt").write_bytes(b"weights b, retrained")  # its maps are stale now
     mapped = []

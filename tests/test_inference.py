@@ -219,6 +219,7 @@ def test_refinement_moves_the_maps_towards_the_images(sample, model, tmp_path):
     # partial volume across series geometries is modelled by default; the T1w grid is the fit's own
     refinement = report["physics_refinement"]
     assert refinement["partial_volume"] and refinement["partial_volume_pct"]["T1w"] == 0
+    assert 0 <= refinement["water_fraction"]["lowered_pct"] <= 100  # on by default, and reported
     labels = nib.load(sample["truth"] / "labels.nii.gz").get_fdata()
     t1 = nib.load(tmp_path / "maps" / "T1_map.nii.gz").get_fdata()
     assert np.median(t1[labels == 2]) > 1.1 * np.median(t1[labels == 3])  # GM T1 above WM T1 again

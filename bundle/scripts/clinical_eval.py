@@ -489,6 +489,14 @@ def nse_figure(study: Path, kept: dict, methods: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+#: The refinement's switches an evaluation can also run without: --without-<switch> NAME (inference flag, label).
+REFINEMENT_SWITCHES = {
+    "calibration": ("refine_calibrate", "calibration"),
+    "partial-volume": ("refine_partial_volume", "partial volume"),
+    "water-fraction": ("refine_water_fraction", "water fraction"),
+}
+
+
 def _hardware() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())  # fmt: skip
@@ -510,20 +518,9 @@ def main(argv=None) -> None:
         metavar="NAME",
         help="also map model NAME with --refine false, as 'NAME, no refinement'",
     )
-    parser.add_argument(
-        "--without-calibration",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="also map model NAME with --refine_calibrate false, as 'NAME, no calibration'",
-    )
-    parser.add_argument(
-        "--without-partial-volume",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="also map model NAME with --refine_partial_volume false, as 'NAME, no partial volume'",
-    )
+    for switch, (flag, label) in REFINEMENT_SWITCHES.items():
+        parser.add_argument(f"--without-{switch}", action="append", default=[], metavar="NAME",
+                            help=f"also map model NAME with --{flag} false, as 'NAME, no {label}'")  # fmt: skip
     parser.add_argument("--network-only", action="append", default=[], metavar="NAME=CHECKPOINT[:TRAINING_OVERLAY]",
                         help="a network mapped with --refine false only (network comparisons)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -535,10 +532,9 @@ def main(argv=None) -> None:
         checkpoint, overlay = split_overlay(rest)
         checkpoint = str(Path(checkpoint).resolve())
         models[name] = (checkpoint, overlay, refine, {})  # the bundle's refinement switches
-        if name in args.without_calibration:
-            models[f"{name}, no calibration"] = (checkpoint, overlay, True, {"refine_calibrate": False})
-        if name in args.without_partial_volume:
-            models[f"{name}, no partial volume"] = (checkpoint, overlay, True, {"refine_partial_volume": False})
+        for switch, (flag, label) in REFINEMENT_SWITCHES.items():
+            if name in getattr(args, f"without_{switch.replace('-', '_')}"):
+                models[f"{name}, no {label}"] = (checkpoint, overlay, True, {flag: False})
         if name in args.without_refinement:
             models[f"{name}, no refinement"] = (checkpoint, overlay, False, {})
     if not (args.work / "studies" / "invariance").is_dir():
@@ -561,8 +557,9 @@ def main(argv=None) -> None:
     in_range = {s for s, family in FAMILY.items() if family != "out_of_range"}
     out_of_range = set(FAMILY) - in_range
     command = "python bundle/scripts/clinical_eval.py " + " ".join(f"--model '{m}'" for m in args.model)
-    command += "".join(f" --without-calibration '{name}'" for name in args.without_calibration)
-    command += "".join(f" --without-partial-volume '{name}'" for name in args.without_partial_volume)
+    for switch in REFINEMENT_SWITCHES:
+        names = getattr(args, f"without_{switch.replace('-', '_')}")
+        command += "".join(f" --without-{switch} '{name}'" for name in names)
     command += "".join(f" --without-refinement '{name}'" for name in args.without_refinement)
     command += "".join(f" --network-only '{spec}'" for spec in args.network_only)
     command += f" --docs {args.docs}" + (f" --metadata {args.metadata}" if args.metadata else "")

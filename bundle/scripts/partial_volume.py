@@ -19,6 +19,8 @@ from monai.transforms import ResampleToMatch
 from scipy import ndimage
 
 SLICE_PROFILE = np.linspace(-3, 3, 7) / 7  # sample offsets across a slice, in units of its thickness
+#: Prior share of voxels that hold tissue giving no signal (``water_fraction``): the brain's surface on 4-5 mm slices.
+PARTIAL_SHARE = 0.05
 
 
 def slab_means(
@@ -80,6 +82,27 @@ def corrected_images(
         full[inside] = predicted[s]
         out[s] += (full - reacquired(full, affine, series))[inside]
     return out
+
+
+def water_fraction(images: np.ndarray, predicted: np.ndarray, sample: np.ndarray | None = None) -> np.ndarray:
+    """Fraction (0.05-1) of ``predicted`` ((S, N) signals of tissue maps, e.g. the network's re-synthesised) that
+    ``images`` ((S, N), same units) hold in every series at once.
+
+    Tissue that gives no signal lowers every series by the same factor, so a voxel's deficit is at most that of
+    the series least short of its prediction: c = the largest ratio image / predicted (a map error, e.g. too long
+    a T2, lowers some series only, and one series at its prediction rules a deficit out), relative to its median
+    over the ``sample`` voxels (default all). The voxel is whole tissue (c = 1 up to the robust spread of c there:
+    noise and the maps' own error) or a fraction (uniform in 0-1, prior share ``PARTIAL_SHARE``); the fraction
+    returned is the posterior mean, 1 - P(fraction | c) (1 - c): a deficit within the spread is left alone, a
+    clear one is kept whole, an excess (fat beside the brain) stays 1."""
+    largest = np.max(images / np.maximum(predicted, 1e-12), axis=0)
+    tissue = largest if sample is None else largest[sample]
+    centre = np.median(tissue)  # whole tissue's level of the largest of three noisy ratios (above 1)
+    scale = max(1.4826 * np.median(np.abs(tissue - centre)) / centre, 1e-3)
+    common = np.clip(largest / centre, 0.05, 1.0)
+    whole = (1.0 - PARTIAL_SHARE) * np.exp(-0.5 * ((common - 1.0) / scale) ** 2) / (scale * np.sqrt(2 * np.pi))
+    partial = PARTIAL_SHARE / (PARTIAL_SHARE + whole)
+    return 1.0 - partial * (1.0 - common)
 
 
 def _same_grid(series: MetaTensor, affine: np.ndarray, shape: tuple[int, ...]) -> bool:

@@ -94,10 +94,16 @@ def truth_in_span(report: dict, figures: dict[str, dict[str, float]]) -> list[bo
 
 
 def made_by(
-    out: Path, sha256: str, refine: bool, prior_width, calibrate: bool = True, partial_volume: bool = True
+    out: Path,
+    sha256: str,
+    refine: bool,
+    prior_width,
+    calibrate: bool = True,
+    partial_volume: bool = True,
+    water_fraction: bool = True,
 ) -> bool:
     """Whether ``out`` holds maps of the weights with this SHA-256, with this refinement, prior width (3,), gain
-    calibration and partial-volume model."""
+    calibration, partial-volume model and water fraction."""
     if not (out / "report.json").exists():
         return False
     report = json.loads((out / "report.json").read_text())
@@ -108,6 +114,7 @@ def made_by(
         and (not refine or np.allclose(refinement["prior_width_log"], prior_width))
         and ("calibration" in refinement) == (refine and calibrate)
         and refinement.get("partial_volume", False) == (refine and partial_volume)
+        and ("water_fraction" in refinement) == (refine and water_fraction)
     )
 
 
@@ -120,6 +127,7 @@ def rank(
     reuse: bool = False,
     calibrations=(True,),
     partial_volumes=(True,),
+    water_fractions=(True,),
     heads=None,
     without=(),
     true_mask: bool = False,
@@ -130,7 +138,8 @@ def rank(
 
     ``calibrations``: without (False) and/or with (True) the refinement's per-study gain calibration, each a
     candidate (``--refine_calibrate``); ``partial_volumes`` likewise for fitting T2w and FLAIR as acquired on their
-    own grids (``--refine_partial_volume``). ``heads``: (study id, protocol, seed) to rank on (default
+    own grids (``--refine_partial_volume``), ``water_fractions`` for reading a deficit common to every series as
+    missing water (``--refine_water_fraction``). ``heads``: (study id, protocol, seed) to rank on (default
     ``VALIDATION_STUDIES``). ``without``: the same heads acquired without these of
     ``clinical_studies.ACQUISITION_FACTORS`` (e.g. ``("noise",)``), in ``studies_without_<factors>`` and
     ``maps_without_<factors>``: what each part of the acquisition does to the maps. ``true_mask``: every study
@@ -143,8 +152,8 @@ def rank(
     truths = {s.name: _truth(s) for s in studies}
     bundle_widths = json.loads((BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
     rows = []
-    pairs = list(itertools.product(candidates, prior_widths, calibrations, partial_volumes))
-    for candidate, width, calibrate, partial_volume in tqdm(pairs, desc="candidates", unit="candidate"):
+    pairs = list(itertools.product(candidates, prior_widths, calibrations, partial_volumes, water_fractions))
+    for candidate, width, calibrate, partial_volume, water_fraction in tqdm(pairs, desc="candidates", unit="candidate"):
         checkpoint, own_overlay = split_overlay(candidate)
         candidate_overlay = own_overlay or overlay
         name = os.path.relpath(checkpoint)
@@ -155,13 +164,14 @@ def rank(
         folder += "" if refine else "_network"  # apart from the refined maps of the same weights
         folder += "" if calibrate or not refine else "_no_calibration"
         folder += "" if partial_volume or not refine else "_no_partial_volume"
+        folder += "" if water_fraction or not refine else "_no_water_fraction"
         folder += "_true_mask" if true_mask else ""
         sha256 = file_sha256(checkpoint) if reuse else None
         width_used = bundle_widths if width is None else width
         per_study, gain_errors, in_span = [], [], []
         for study in studies:
             out = work / f"maps{kind}" / folder / study.name
-            if reuse and made_by(out, sha256, refine, width_used, calibrate, partial_volume):
+            if reuse and made_by(out, sha256, refine, width_used, calibrate, partial_volume, water_fraction):
                 maps, report = read_maps(out)
             else:
                 maps, report = network_maps(
@@ -172,7 +182,11 @@ def rank(
                     study,
                     out,
                     width,
-                    {"refine_calibrate": calibrate, "refine_partial_volume": partial_volume}
+                    {
+                        "refine_calibrate": calibrate,
+                        "refine_partial_volume": partial_volume,
+                        "refine_water_fraction": water_fraction,
+                    }
                     | ({"mask": study / "truth" / "mask.nii.gz"} if true_mask else {}),
                 )
             per_study.append(score(maps, *truths[study.name]))
@@ -182,6 +196,7 @@ def rank(
         suffix = f":{own_overlay}" if own_overlay else ""
         label += "" if calibrate or not refine else ", no calibration"
         label += "" if partial_volume or not refine else ", no partial volume"
+        label += "" if water_fraction or not refine else ", no water fraction"
         row = {"checkpoint": name + suffix, "prior_width": label, "error": float(np.mean(errors))}
         for m in physics.MAPS:
             for key in ("WM_bias", "GM_bias", "mpe"):
@@ -223,6 +238,8 @@ def main(argv=None) -> None:
                         help="per-study gain calibration (both: each candidate with and without)")  # fmt: skip
     parser.add_argument("--partial-volume", choices=("off", "on", "both"), default="on",
                         help="fit T2w and FLAIR as acquired on their own grids (--refine_partial_volume)")  # fmt: skip
+    parser.add_argument("--water-fraction", choices=("off", "on", "both"), default="on",
+                        help="read a common deficit of all series as less water (--refine_water_fraction)")  # fmt: skip
     parser.add_argument("--out-of-range", action="store_true",
                         help="rank on the out-of-range validation heads (VALIDATION_OUT_OF_RANGE) instead, "
                              "into selection_out_of_range.csv")  # fmt: skip
@@ -237,9 +254,10 @@ def main(argv=None) -> None:
     widths = args.prior_width or (None,)
     switch = {"off": (False,), "on": (True,), "both": (False, True)}  # a refinement switch's candidates
     calibrations, partial_volumes = switch[args.calibrate], switch[args.partial_volume]
+    water_fractions = switch[args.water_fraction]
     heads = VALIDATION_OUT_OF_RANGE if args.out_of_range else VALIDATION_STUDIES
     rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations,
-                partial_volumes, heads, args.without, args.true_mask)  # fmt: skip
+                partial_volumes, water_fractions, heads, args.without, args.true_mask)  # fmt: skip
     args.work.mkdir(parents=True, exist_ok=True)
     kind = without_suffix(args.without)
     table = args.work / f"selection{'_out_of_range' * args.out_of_range}{kind}{'_true_mask' * args.true_mask}.csv"

@@ -579,6 +579,11 @@ class PhysicsRefined(MapTransform):
         partial_volume: fit T2w and FLAIR as acquired on their own grids (``scripts.partial_volume``): each
             image is moved by what its acquisition and the resampling do to the network's re-synthesised
             signal before the fits (not the gains' tissue medians); ``info_key`` reports the mean move.
+        water_fraction: read a deficit common to every series as partial volume with tissue that gives no signal
+            (bone, dura, air: the brain's surface, 4-5 mm slabs crossing it), i.e. as less water: the prior's PD
+            is scaled by ``partial_volume.water_fraction`` before the fit, which would otherwise explain the
+            missing signal with longer T1 and shorter T2; ``info_key`` reports the share of voxels whose PD it
+            lowers by more than 5 % and their median fraction.
     """
 
     def __init__(
@@ -597,10 +602,12 @@ class PhysicsRefined(MapTransform):
         ranges: dict | None = None,
         acquired_keys: Sequence[str] = ("T1w_acquired", "T2w_acquired", "FLAIR_acquired"),
         partial_volume: bool = False,
+        water_fraction: bool = False,
     ) -> None:
         super().__init__(keys)
         self.enabled, self.calibrate, self.ranges = enabled, calibrate, ranges
         self.acquired_keys, self.partial_volume = tuple(acquired_keys), partial_volume
+        self.water_fraction = water_fraction
         self.image_keys, self.params_key, self.mask_key, self.brain_key, self.info_key = (
             tuple(image_keys),
             params_key,
@@ -642,6 +649,15 @@ class PhysicsRefined(MapTransform):
         if self.calibrate:
             prior, gains, calibrated = self._calibrated(prior, synth, images, seen, gains, noise_counts, params, brain)
         noise = _noise_pu(noise_counts, gains)
+        water = {}
+        if self.water_fraction:
+            synthesized = physics.synthesize(prior, params)
+            fraction = partial_volume.water_fraction(seen / gains[:, None], synthesized, sample=brain)
+            prior = np.concatenate([prior[:2], prior[2:] * fraction])
+            lowered = fraction < 0.95
+            water = {"water_fraction": {"lowered_pct": round(float(100 * lowered.mean()), 2),
+                                        "median": round(float(np.median(fraction[lowered])), 3)
+                                        if lowered.any() else 1.0}}  # fmt: skip
         refined = physics.fit_maps(seen, params, gains, prior=prior, prior_width=self.prior_width, noise=noise,
                                    iterations=self.iterations)  # fmt: skip
         out = maps.clone()
@@ -659,6 +675,7 @@ class PhysicsRefined(MapTransform):
             "prior_width_log": list(self.prior_width),
             "partial_volume": self.partial_volume,
             **({"partial_volume_pct": _change_pct(seen, images)} if self.partial_volume else {}),
+            **water,
             "noise_pu": noise.round(6).tolist(),
             "median_change_in_tissue_pct": dict(zip(physics.MAPS, (100 * change).round(2).tolist(), strict=True)),
             "residual_pct": residual,
