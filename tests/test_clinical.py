@@ -359,3 +359,9 @@ def test_error_budget_places_the_squared_error_by_tissue_boundary_and_unmapped_v
     assert budget["sse_WM_pct"] == budget["sse_unmapped_pct"] == pytest.approx(100 * 10000 / total)
     assert budget["sse_boundary_pct"] == pytest.approx(100 * 1200 / total)
     assert budget["psnr_mapped"] == pytest.approx(-10 * np.log10(1200 / 100**2 / (labels > 0).sum()))
+    # the same error in voxels with bone in their slab: their share, and the PSNR with them right
+    water_free = np.zeros(labels.shape, bool)
+    water_free[1:7, 4, 0] = True  # half of the GM boundary voxels
+    budget = clinical_eval.error_budget(pred, truth, labels, water_free)
+    assert budget["sse_water_free_pct"] == pytest.approx(100 * 600 / total)
+    assert budget["psnr_water_free_right"] == pytest.approx(-10 * np.log10((total - 600) / 100**2 / (labels > 0).sum()))

@@ -66,6 +66,7 @@ from scripts.clinical_studies import (  # noqa: E402
     write_evaluation_studies,
     write_studies,
 )
+from scripts.phantom import TISSUE_RANGES  # noqa: E402
 from scripts.study import load_study  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1]
@@ -82,6 +83,8 @@ IDEAL = "ideal observer (tissue prior, exact tissue values)"
 TARGETS = {"bias": 3.0, "mpe": 6.0, "psnr": 30.0, "bias_out_of_range": 8.0}
 FAMILY = {study_id: protocol for study_id, protocol, _ in EVALUATION_STUDIES}
 SPEC = {spec[0]: spec for spec in EVALUATION_STUDIES}
+#: A brain voxel whose true PD lies below every brain tissue's range has tissue without water in its slab (bone, air).
+LOWEST_BRAIN_PD = min(TISSUE_RANGES[label][2][0] for label in ROIS)
 
 
 def split_overlay(spec: str) -> tuple[str, str | None]:
@@ -181,14 +184,17 @@ def score(pred: np.ndarray, truth: np.ndarray, labels: np.ndarray) -> dict[str, 
         for roi in ROIS.values():
             row[f"{roi}_true"], row[f"{roi}_pred"] = float(true_roi[roi][0, c]), float(pred_roi[roi][0, c])
             row[f"{roi}_bias"] = 100 * (row[f"{roi}_pred"] / row[f"{roi}_true"] - 1)
-        out[name] = row | error_budget(pred[c], truth[c], labels)
+        out[name] = row | error_budget(pred[c], truth[c], labels, truth[2] < LOWEST_BRAIN_PD)
     return out
 
 
-def error_budget(pred: np.ndarray, truth: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def error_budget(
+    pred: np.ndarray, truth: np.ndarray, labels: np.ndarray, water_free: np.ndarray | None = None
+) -> dict[str, float]:
     """Where one map's squared error in the true brain mask lies (what PSNR counts): the share (%) in each tissue,
-    in voxels at a tissue boundary (``tissue_boundary``) and in voxels left unmapped (0: outside the maps the
-    pipeline delivers), and the PSNR (dB) were those right."""
+    in voxels at a tissue boundary (``tissue_boundary``), in voxels left unmapped (0: outside the maps the
+    pipeline delivers) and in voxels with tissue without water in their slab (``water_free``, e.g. true PD below
+    ``LOWEST_BRAIN_PD``: bone or air), and the PSNR (dB) were the unmapped, or the ``water_free``, voxels right."""
     brain = np.isin(labels, list(ROIS))
     squared = np.where(brain, ((pred.astype(np.float64) - truth) / truth[brain].max()) ** 2, 0.0)
     total, unmapped = squared.sum(), squared[brain & (pred == 0)].sum()
@@ -198,6 +204,10 @@ def error_budget(pred: np.ndarray, truth: np.ndarray, labels: np.ndarray) -> dic
     row["sse_boundary_pct"] = float(100 * squared[tissue_boundary(labels)].sum() / total)
     row["sse_unmapped_pct"] = float(100 * unmapped / total)
     row["psnr_mapped"] = float(-10 * np.log10(max(total - unmapped, 1e-30) / brain.sum()))
+    if water_free is not None:
+        water_free_sse = squared[brain & water_free].sum()
+        row["sse_water_free_pct"] = float(100 * water_free_sse / total)
+        row["psnr_water_free_right"] = float(-10 * np.log10(max(total - water_free_sse, 1e-30) / brain.sum()))
     return row
 
 
@@ -293,13 +303,15 @@ def accuracy_table(rows: list[dict], studies: set[str], methods: list[str]) -> l
 
 
 def error_budget_table(rows: list[dict], studies: set[str], method: str) -> list[str]:
-    lines = ["| map | WM % | GM % | CSF % | lesion % | at a tissue boundary % | unmapped % | PSNR dB "
-             "| PSNR, unmapped voxels right, dB |", "|" + "---|" * 9]  # fmt: skip
+    lines = ["| map | WM % | GM % | CSF % | lesion % | at a tissue boundary % | unmapped % | bone or air in the slab % "
+             "| PSNR dB | PSNR, unmapped voxels right, dB | PSNR, voxels with bone or air right, dB |",
+             "|" + "---|" * 11]  # fmt: skip
     for name in physics.MAPS:
         sel = [r for r in rows if r["study"] in studies and r["method"] == method and r["map"] == name]
-        shares = (*ROIS.values(), "boundary", "unmapped")
+        shares = (*ROIS.values(), "boundary", "unmapped", "water_free")
         cells = [_fmt([r.get(f"sse_{roi}_pct", np.nan) for r in sel], 0, False) for roi in shares]
-        cells += [_fmt([r["psnr"] for r in sel], 1, False), _fmt([r.get("psnr_mapped", np.nan) for r in sel], 1, False)]
+        psnrs = ("psnr", "psnr_mapped", "psnr_water_free_right")
+        cells += [_fmt([r.get(k, np.nan) for r in sel], 1, False) for k in psnrs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -578,6 +590,7 @@ def main(argv=None) -> None:
         qa="\n".join(qa_table(rows, list(models))),
         budget_method=first,
         budget="\n".join(error_budget_table(rows, in_range, first)),
+        lowest_pd=LOWEST_BRAIN_PD,
         span="\n".join(spans[0]), span_inside=spans[1],
         ideal="\n".join(ideal_observer_table(rows, studies, first)),
         invariance="\n".join(invariance_table(invariance_rows, [m for m in methods if m != NOISE_FREE],
@@ -653,9 +666,13 @@ pipeline resamples its inputs and maps: what the grid alone leaves of perfect ma
 ## Where the squared error is (in range, {budget_method})
 
 PSNR counts the squared error over the true brain mask: its share (%) per tissue label, in voxels at a tissue
-boundary (another label beside them in-plane; they overlap the tissues' shares) and in voxels the pipeline left
-unmapped (0 outside the maps it delivers), mean [min, max] over the studies; the last column is the PSNR the maps
-would have with the unmapped voxels right (`clinical_eval.error_budget`).
+boundary (another label beside them in-plane; they overlap the tissues' shares), in voxels the pipeline left
+unmapped (0 outside the maps it delivers) and in voxels whose slab takes in tissue without water (true PD below
+every brain tissue's range, {lowest_pd:g} p.u.: bone or air at the brain's surface), mean [min, max] over the
+studies; the last columns are the PSNR the maps would have with the unmapped voxels, or those with bone or air,
+right (`clinical_eval.error_budget`). The truth mixes a voxel's tissues as water (PD-weighted relaxation rates),
+so where bone's water (T1 200-300 ms, T2 1-10 ms) is in the slab the true T1 and T2 are far below the brain
+tissue's, though bone gives no signal at these echo times.
 
 {budget}
 
