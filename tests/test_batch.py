@@ -17,6 +17,15 @@ from test_inference import _infer, model, sample  # noqa: F401 (fixtures)
 BATCH = [str(CONFIGS / "inference.json"), str(CONFIGS / "batch.json")]
 
 
+def test_batch_passes_every_mapping_option_to_each_study():
+    """Each refinement switch, the maps' margin and the mixed-study override given to ``run batch`` reach every
+    study's workflow (a switch missing here would silently map every study with the default)."""
+    inference = json.loads((CONFIGS / "inference.json").read_text())
+    overrides = json.loads((CONFIGS / "batch.json").read_text())["batch_runner"]["overrides"]
+    options = [k for k in inference if k.startswith("refine")] + ["maps_margin", "allow_mixed_study"]
+    assert len(options) >= 6 and {k: overrides.get(k) for k in options} == {k: f"@{k}" for k in options}
+
+
 @pytest.fixture(scope="module")
 def studies(sample, tmp_path_factory):  # noqa: F811
     """Two copies of the sample study and a folder with no study in it."""
