@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 from scripts import physics  # noqa: E402
 from scripts.clinical_eval import (  # noqa: E402
     BUNDLE,
+    REFINEMENT_SWITCHES,
     _truth,
     network_maps,
     read_maps,
@@ -162,9 +163,10 @@ def rank(
         folder = name.replace(os.sep, "_") + (f"_{Path(candidate_overlay).stem}" if candidate_overlay else "")
         folder += "" if width is None else "_w" + label.replace(",", "_")
         folder += "" if refine else "_network"  # apart from the refined maps of the same weights
-        folder += "" if calibrate or not refine else "_no_calibration"
-        folder += "" if partial_volume or not refine else "_no_partial_volume"
-        folder += "" if water_fraction or not refine else "_no_water_fraction"
+        switches = dict(zip((flag for flag, _ in REFINEMENT_SWITCHES.values()),
+                            (calibrate, partial_volume, water_fraction), strict=True))  # fmt: skip
+        off = [what for flag, what in REFINEMENT_SWITCHES.values() if refine and not switches[flag]]
+        folder += "".join(f"_no_{switch.replace(' ', '_')}" for switch in off)
         folder += "_true_mask" if true_mask else ""
         sha256 = file_sha256(checkpoint) if reuse else None
         width_used = bundle_widths if width is None else width
@@ -182,21 +184,14 @@ def rank(
                     study,
                     out,
                     width,
-                    {
-                        "refine_calibrate": calibrate,
-                        "refine_partial_volume": partial_volume,
-                        "refine_water_fraction": water_fraction,
-                    }
-                    | ({"mask": study / "truth" / "mask.nii.gz"} if true_mask else {}),
+                    switches | ({"mask": study / "truth" / "mask.nii.gz"} if true_mask else {}),
                 )
             per_study.append(score(maps, *truths[study.name]))
             gain_errors.append(gain_ratio_errors(report, study))
             in_span += truth_in_span(report, per_study[-1])
         errors = [selection_error(f) for f in per_study]
         suffix = f":{own_overlay}" if own_overlay else ""
-        label += "" if calibrate or not refine else ", no calibration"
-        label += "" if partial_volume or not refine else ", no partial volume"
-        label += "" if water_fraction or not refine else ", no water fraction"
+        label += "".join(f", no {switch}" for switch in off)
         row = {"checkpoint": name + suffix, "prior_width": label, "error": float(np.mean(errors))}
         for m in physics.MAPS:
             for key in ("WM_bias", "GM_bias", "mpe"):
