@@ -112,6 +112,15 @@ def test_scores_of_the_truth_and_of_a_known_error(study):
     off = clinical_eval.score(truth * np.array([1.1, 1.0, 0.95], dtype=np.float32)[:, None, None, None], truth, labels)
     assert off["T1"]["WM_bias"] == pytest.approx(10.0, abs=1e-3) and off["T1"]["mpe"] == pytest.approx(10.0, abs=1e-3)
     assert off["PD"]["GM_bias"] == pytest.approx(-5.0, abs=1e-3) and off["T2"]["mpe"] == 0
+    assert off["T1"]["mpe_water_free_left_out"] == pytest.approx(10.0, abs=1e-3)
+    # the brain tissue's T2 where the slab takes in bone (the truth mixes bone's water in) counts in MPE only
+    bone = np.isin(labels, (2, 3)) & (truth[2] < clinical_eval.LOWEST_BRAIN_PD)
+    assert bone.sum() > 10
+    tissue_t2 = truth.copy()
+    tissue_t2[1, bone] *= 3.0
+    read = clinical_eval.score(tissue_t2, truth, labels)["T2"]
+    assert read["mpe"] == pytest.approx(200.0 * bone.sum() / np.isin(labels, (2, 3)).sum(), rel=1e-4)
+    assert read["mpe_water_free_left_out"] == 0
     # where PSNR's squared error lies: per tissue (they partition the brain), and in voxels left unmapped (0)
     shares = [off["T1"][f"sse_{roi}_pct"] for roi in ("WM", "GM", "CSF", "lesion")]
     assert sum(shares) == pytest.approx(100.0) and off["T1"]["sse_unmapped_pct"] == 0
@@ -271,7 +280,8 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
     monkeypatch.setattr(select_model, "VALIDATION_STUDIES", (("val-philips", "philips", 1),))
     monkeypatch.chdir(tmp_path)
     truth = clinical_eval._truth(tmp_path / "studies" / "val-philips")[0]
-    widths = json.loads((clinical_eval.BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
+    bundle = json.loads((clinical_eval.BUNDLE / "configs" / "inference.json").read_text())
+    widths, smoothing = bundle["refine_prior_width"], bundle["refine_smoothing_mm"]
     for name, content in (("a.pt", b"weights a"), ("b.pt", b"weights b")):
         Path(name).write_bytes(content)
         out = tmp_path / "maps" / name / "val-philips"
@@ -280,7 +290,8 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
             nib.save(nib.Nifti1Image(values, np.eye(4)), out / f"{m}_map.nii.gz")
         report = {"model": {"checkpoint_sha256": file_sha256(name)},
                   "physics_refinement": {"enabled": True, "prior_width_log": widths, "calibration": None,
-                                         "partial_volume": True, "water_fraction": {}}}  # fmt: skip
+                                         "partial_volume": True, "water_fraction": {},
+                                         "smoothing_mm": smoothing}}  # fmt: skip
         (out / "report.json").write_text(json.dumps(report))
     Path("b.pt").write_bytes(b"weights b, retrained")  # its maps are stale now
     mapped = []
@@ -311,6 +322,10 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
     select_model.rank(["a.pt"], tmp_path, reuse=True, true_mask=True)
     assert folders[-1] == "maps/a.pt_true_mask/val-philips"
     assert flags_seen[-1]["mask"] == tmp_path / "studies" / "val-philips" / "truth" / "mask.nii.gz"
+    # another smoothing of the refinement's moves: maps of their own, made with that flag
+    rows = select_model.rank(["a.pt"], tmp_path, reuse=True, smoothings=((0.0, 0.0, 0.0),))
+    assert folders[-1] == "maps/a.pt_s0_0_0/val-philips" and rows[0]["prior_width"] == "bundle's, smoothing 0,0,0 mm"
+    assert json.loads(flags_seen[-1]["refine_smoothing_mm"]) == [0, 0, 0]
 
 
 def test_other_gains_explain_the_images_exactly_with_other_maps(study):

@@ -68,6 +68,10 @@ from scripts.clinical_studies import (  # noqa: E402
 from scripts.outputs import file_sha256  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+#: The refinement's parts a candidate has on or off (``--calibrate``, ``--partial-volume``, ``--water-fraction``);
+#: the smoothing has widths of its own (``--smoothing``).
+ON_OFF = [switch for switch in REFINEMENT_SWITCHES.values() if switch[2] is False]
+
 
 def selection_error(figures: dict[str, dict[str, float]]) -> float:
     """The ranking figure of one study's scores (``clinical_eval.score``): mean of ROI |bias| and MPE, %."""
@@ -102,6 +106,7 @@ def made_by(
     calibrate: bool = True,
     partial_volume: bool = True,
     water_fraction: bool = True,
+    smoothing_mm=(0.0, 0.0, 0.0),
 ) -> bool:
     """Whether ``out`` holds maps of the weights with this SHA-256, with this refinement, prior width (3,), gain
     calibration, partial-volume model and water fraction."""
@@ -116,6 +121,7 @@ def made_by(
         and ("calibration" in refinement) == (refine and calibrate)
         and refinement.get("partial_volume", False) == (refine and partial_volume)
         and ("water_fraction" in refinement) == (refine and water_fraction)
+        and (not refine or np.allclose(refinement.get("smoothing_mm", 0.0), smoothing_mm))
     )
 
 
@@ -129,6 +135,7 @@ def rank(
     calibrations=(True,),
     partial_volumes=(True,),
     water_fractions=(True,),
+    smoothings=(None,),
     heads=None,
     without=(),
     true_mask: bool = False,
@@ -151,10 +158,15 @@ def rank(
     kind = without_suffix(without)
     studies = write_studies(work / f"studies{kind}", heads or VALIDATION_STUDIES, without=without)  # the missing ones
     truths = {s.name: _truth(s) for s in studies}
-    bundle_widths = json.loads((BUNDLE / "configs" / "inference.json").read_text())["refine_prior_width"]
+    bundle = json.loads((BUNDLE / "configs" / "inference.json").read_text())
+    bundle_widths, bundle_smoothing = bundle["refine_prior_width"], bundle["refine_smoothing_mm"]
     rows = []
-    pairs = list(itertools.product(candidates, prior_widths, calibrations, partial_volumes, water_fractions))
-    for candidate, width, calibrate, partial_volume, water_fraction in tqdm(pairs, desc="candidates", unit="candidate"):
+    pairs = list(
+        itertools.product(candidates, prior_widths, calibrations, partial_volumes, water_fractions, smoothings)
+    )
+    for candidate, width, calibrate, partial_volume, water_fraction, smoothing in tqdm(
+        pairs, desc="candidates", unit="candidate"
+    ):
         checkpoint, own_overlay = split_overlay(candidate)
         candidate_overlay = own_overlay or overlay
         name = os.path.relpath(checkpoint)
@@ -162,10 +174,11 @@ def rank(
         # report.json does not record the overlay: maps of the same weights under another overlay live apart
         folder = name.replace(os.sep, "_") + (f"_{Path(candidate_overlay).stem}" if candidate_overlay else "")
         folder += "" if width is None else "_w" + label.replace(",", "_")
+        folder += "" if smoothing is None else "_s" + "_".join(f"{w:g}" for w in smoothing)
         folder += "" if refine else "_network"  # apart from the refined maps of the same weights
-        switches = dict(zip((flag for flag, _ in REFINEMENT_SWITCHES.values()),
-                            (calibrate, partial_volume, water_fraction), strict=True))  # fmt: skip
-        off = [what for flag, what in REFINEMENT_SWITCHES.values() if refine and not switches[flag]]
+        switches = dict(zip((flag for flag, *_ in ON_OFF), (calibrate, partial_volume, water_fraction), strict=True))
+        smoothing_used = bundle_smoothing if smoothing is None else smoothing
+        off = [what for flag, what, _ in ON_OFF if refine and not switches[flag]]
         folder += "".join(f"_no_{switch.replace(' ', '_')}" for switch in off)
         folder += "_true_mask" if true_mask else ""
         sha256 = file_sha256(checkpoint) if reuse else None
@@ -173,7 +186,9 @@ def rank(
         per_study, gain_errors, in_span = [], [], []
         for study in studies:
             out = work / f"maps{kind}" / folder / study.name
-            if reuse and made_by(out, sha256, refine, width_used, calibrate, partial_volume, water_fraction):
+            if reuse and made_by(
+                out, sha256, refine, width_used, calibrate, partial_volume, water_fraction, smoothing_used
+            ):
                 maps, report = read_maps(out)
             else:
                 maps, report = network_maps(
@@ -184,7 +199,9 @@ def rank(
                     study,
                     out,
                     width,
-                    switches | ({"mask": study / "truth" / "mask.nii.gz"} if true_mask else {}),
+                    switches
+                    | ({"mask": study / "truth" / "mask.nii.gz"} if true_mask else {})
+                    | ({"refine_smoothing_mm": json.dumps(list(smoothing))} if smoothing is not None else {}),
                 )
             per_study.append(score(maps, *truths[study.name]))
             gain_errors.append(gain_ratio_errors(report, study))
@@ -192,6 +209,7 @@ def rank(
         errors = [selection_error(f) for f in per_study]
         suffix = f":{own_overlay}" if own_overlay else ""
         label += "".join(f", no {switch}" for switch in off)
+        label += "" if smoothing is None else ", smoothing " + ",".join(f"{w:g}" for w in smoothing) + " mm"
         row = {"checkpoint": name + suffix, "prior_width": label, "error": float(np.mean(errors))}
         for m in physics.MAPS:
             for key in ("WM_bias", "GM_bias", "mpe"):
@@ -214,11 +232,15 @@ def rank(
     return rows
 
 
-def _widths(text: str) -> tuple[float, float, float]:
+def _widths(text: str, least: float = 0.0, what: str = "positive widths") -> tuple[float, float, float]:
     widths = tuple(float(w) for w in text.split(","))
-    if len(widths) != 3 or min(widths) <= 0:
-        raise argparse.ArgumentTypeError(f"three positive widths T1,T2,PD expected, got {text!r}")
+    if len(widths) != 3 or min(widths) <= least:
+        raise argparse.ArgumentTypeError(f"three {what} T1,T2,PD expected, got {text!r}")
     return widths
+
+
+def _smoothing(text: str) -> tuple[float, float, float]:
+    return _widths(text, least=-1e-12, what="smoothing widths (mm, 0 for none)")
 
 
 def main(argv=None) -> None:
@@ -235,6 +257,9 @@ def main(argv=None) -> None:
                         help="fit T2w and FLAIR as acquired on their own grids (--refine_partial_volume)")  # fmt: skip
     parser.add_argument("--water-fraction", choices=("off", "on", "both"), default="on",
                         help="read a common deficit of all series as less water (--refine_water_fraction)")  # fmt: skip
+    parser.add_argument("--smoothing", action="append", type=_smoothing, metavar="T1,T2,PD",
+                        help="refinement smoothing of the fit's moves per map in mm (--refine_smoothing_mm), "
+                             "repeatable (default: the bundle's)")  # fmt: skip
     parser.add_argument("--out-of-range", action="store_true",
                         help="rank on the out-of-range validation heads (VALIDATION_OUT_OF_RANGE) instead, "
                              "into selection_out_of_range.csv")  # fmt: skip
@@ -252,7 +277,8 @@ def main(argv=None) -> None:
     water_fractions = switch[args.water_fraction]
     heads = VALIDATION_OUT_OF_RANGE if args.out_of_range else VALIDATION_STUDIES
     rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations,
-                partial_volumes, water_fractions, heads, args.without, args.true_mask)  # fmt: skip
+                partial_volumes, water_fractions, args.smoothing or (None,), heads, args.without,
+                args.true_mask)  # fmt: skip
     args.work.mkdir(parents=True, exist_ok=True)
     kind = without_suffix(args.without)
     table = args.work / f"selection{'_out_of_range' * args.out_of_range}{kind}{'_true_mask' * args.true_mask}.csv"

@@ -584,6 +584,10 @@ class PhysicsRefined(MapTransform):
             is scaled by ``partial_volume.water_fraction`` before the fit, which would otherwise explain the
             missing signal with longer T1 and shorter T2; ``info_key`` reports the share of voxels whose PD it
             lowers by more than 5 % and their median fraction.
+        smoothing_mm: (3,) widths (mm, Gaussian sigma) over which each map's move from the prior is averaged after
+            the fit (``smoothed_moves``; 0 leaves a map as fitted): each voxel's fit carries its own images' noise,
+            independent from its neighbours', while the prior's edges stay. The bundle sets them in
+            ``inference.json`` (``refine_smoothing_mm``), chosen on the validation heads with ``select_model``.
     """
 
     def __init__(
@@ -603,11 +607,12 @@ class PhysicsRefined(MapTransform):
         acquired_keys: Sequence[str] = ("T1w_acquired", "T2w_acquired", "FLAIR_acquired"),
         partial_volume: bool = False,
         water_fraction: bool = False,
+        smoothing_mm: Sequence[float] = (0.0, 0.0, 0.0),
     ) -> None:
         super().__init__(keys)
         self.enabled, self.calibrate, self.ranges = enabled, calibrate, ranges
         self.acquired_keys, self.partial_volume = tuple(acquired_keys), partial_volume
-        self.water_fraction = water_fraction
+        self.water_fraction, self.smoothing_mm = water_fraction, tuple(smoothing_mm)
         self.image_keys, self.params_key, self.mask_key, self.brain_key, self.info_key = (
             tuple(image_keys),
             params_key,
@@ -660,6 +665,9 @@ class PhysicsRefined(MapTransform):
                                         if lowered.any() else 1.0}}  # fmt: skip
         refined = physics.fit_maps(seen, params, gains, prior=prior, prior_width=self.prior_width, noise=noise,
                                    iterations=self.iterations)  # fmt: skip
+        if any(self.smoothing_mm):
+            spacing = np.linalg.norm(np.asarray(convert_to_numpy(maps.affine), dtype=np.float64)[:3, :3], axis=0)
+            refined = smoothed_moves(refined, prior, inside, np.outer(self.smoothing_mm, 1 / spacing))
         out = maps.clone()
         out[:, torch.from_numpy(inside)] = torch.as_tensor(refined, dtype=out.dtype)
         d[key] = out
@@ -677,6 +685,7 @@ class PhysicsRefined(MapTransform):
             **({"partial_volume_pct": _change_pct(seen, images)} if self.partial_volume else {}),
             **water,
             "noise_pu": noise.round(6).tolist(),
+            "smoothing_mm": list(self.smoothing_mm),
             "median_change_in_tissue_pct": dict(zip(physics.MAPS, (100 * change).round(2).tolist(), strict=True)),
             "residual_pct": residual,
         }
@@ -710,6 +719,21 @@ class PhysicsRefined(MapTransform):
                                  noise=_noise_pu(noise_counts, gains), iterations=self.iterations)  # fmt: skip
         info = {"calibration": factors.round(4).tolist(), "calibration_span_pct": span}
         return calibration.level_corrected(explained, loose, sample=brain), gains, info
+
+
+def smoothed_moves(refined: np.ndarray, prior: np.ndarray, inside: np.ndarray, sigma) -> np.ndarray:
+    """``refined`` (3, N) at the voxels ``inside`` with each map's move from ``prior`` (its log ratio) averaged by
+    a Gaussian of ``sigma[map]`` voxels per axis ((3, 3); a row of zeros leaves that map as fitted) over the
+    voxels ``inside`` only: the fit's noise is independent from voxel to voxel, the prior's edges are kept."""
+    out = refined.copy()
+    for c, width in enumerate(np.asarray(sigma, dtype=np.float64)):
+        if not width.any():
+            continue
+        move = np.zeros(inside.shape)
+        move[inside] = np.log(refined[c] / prior[c])
+        weight = ndimage.gaussian_filter(inside.astype(np.float64), width)[inside]
+        out[c] = prior[c] * np.exp(ndimage.gaussian_filter(move, width)[inside] / weight)
+    return out
 
 
 def _change_pct(moved: np.ndarray, images: np.ndarray) -> dict[str, float]:
