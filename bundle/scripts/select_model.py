@@ -26,7 +26,9 @@ network's maps may be off) are chosen the same way: each ``--prior-width`` is on
 
 The refinement's per-study gain calibration is on, as in the bundle; ``--calibrate off`` maps without it
 (``--refine_calibrate false``), ``--calibrate both`` ranks each candidate with and without it; likewise
-``--partial-volume off|both`` for fitting T2w and FLAIR as acquired on their own grids.
+``--partial-volume off|both`` for fitting T2w and FLAIR as acquired on their own grids. ``--smoothing T1,T2,PD``
+(repeatable, mm) ranks the widths over which the refinement averages each map's move from the prior
+(``refine_smoothing_mm``).
 
 ``--out-of-range`` ranks on other heads under the out-of-range protocol (``VALIDATION_OUT_OF_RANGE``) instead,
 for choosing what the pipeline does there, e.g. its prior widths, without looking at the evaluation's.
