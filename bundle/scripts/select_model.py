@@ -234,15 +234,16 @@ def rank(
     return rows
 
 
-def _widths(text: str, least: float = 0.0, what: str = "positive widths") -> tuple[float, float, float]:
+def _widths(text: str, zero_allowed: bool = False) -> tuple[float, float, float]:
     widths = tuple(float(w) for w in text.split(","))
-    if len(widths) != 3 or min(widths) <= least:
-        raise argparse.ArgumentTypeError(f"three {what} T1,T2,PD expected, got {text!r}")
+    if len(widths) != 3 or min(widths) < 0 or (min(widths) == 0 and not zero_allowed):
+        kind = "non-negative" if zero_allowed else "positive"
+        raise argparse.ArgumentTypeError(f"three {kind} widths T1,T2,PD expected, got {text!r}")
     return widths
 
 
 def _smoothing(text: str) -> tuple[float, float, float]:
-    return _widths(text, least=-1e-12, what="smoothing widths (mm, 0 for none)")
+    return _widths(text, zero_allowed=True)
 
 
 def main(argv=None) -> None:

@@ -644,8 +644,8 @@ class PhysicsRefined(MapTransform):
         gains = np.median(images[:, tissue] / synth[:, tissue], axis=1)
         noise_counts = np.array([_noise_sigma(convert_to_numpy(d[k])[0], brain_volume) for k in self.image_keys])
         seen = images
+        grid = np.asarray(convert_to_numpy(maps.affine), dtype=np.float64)
         if self.partial_volume:
-            grid = np.asarray(convert_to_numpy(maps.affine), dtype=np.float64)
             acquired = [d[k] if k in d else None for k in self.acquired_keys]
             # the network's maps model the brain only: the rim beyond it keeps its measured signal
             predicted = np.where(brain, synth * gains[:, None], images)
@@ -666,7 +666,7 @@ class PhysicsRefined(MapTransform):
         refined = physics.fit_maps(seen, params, gains, prior=prior, prior_width=self.prior_width, noise=noise,
                                    iterations=self.iterations)  # fmt: skip
         if any(self.smoothing_mm):
-            spacing = np.linalg.norm(np.asarray(convert_to_numpy(maps.affine), dtype=np.float64)[:3, :3], axis=0)
+            spacing = np.linalg.norm(grid[:3, :3], axis=0)
             refined = smoothed_moves(refined, prior, inside, np.outer(self.smoothing_mm, 1 / spacing))
         out = maps.clone()
         out[:, torch.from_numpy(inside)] = torch.as_tensor(refined, dtype=out.dtype)
@@ -725,14 +725,16 @@ def smoothed_moves(refined: np.ndarray, prior: np.ndarray, inside: np.ndarray, s
     """``refined`` (3, N) at the voxels ``inside`` with each map's move from ``prior`` (its log ratio) averaged by
     a Gaussian of ``sigma[map]`` voxels per axis ((3, 3); a row of zeros leaves that map as fitted) over the
     voxels ``inside`` only: the fit's noise is independent from voxel to voxel, the prior's edges are kept."""
-    out = refined.copy()
+    out, weights = refined.copy(), {}
     for c, width in enumerate(np.asarray(sigma, dtype=np.float64)):
         if not width.any():
             continue
+        key = tuple(width)  # maps of the same width share the mask's own average
+        if key not in weights:
+            weights[key] = ndimage.gaussian_filter(inside.astype(np.float64), width)[inside]
         move = np.zeros(inside.shape)
         move[inside] = np.log(refined[c] / prior[c])
-        weight = ndimage.gaussian_filter(inside.astype(np.float64), width)[inside]
-        out[c] = prior[c] * np.exp(ndimage.gaussian_filter(move, width)[inside] / weight)
+        out[c] = prior[c] * np.exp(ndimage.gaussian_filter(move, width)[inside] / weights[key])
     return out
 
 
