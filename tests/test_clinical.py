@@ -290,7 +290,7 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
             nib.save(nib.Nifti1Image(values, np.eye(4)), out / f"{m}_map.nii.gz")
         report = {"model": {"checkpoint_sha256": file_sha256(name)},
                   "physics_refinement": {"enabled": True, "prior_width_log": widths, "calibration": None,
-                                         "partial_volume": True, "water_fraction": {},
+                                         "partial_volume": True, "water_fraction": {}, "scalp_fat": True,
                                          "smoothing_mm": smoothing}}  # fmt: skip
         (out / "report.json").write_text(json.dumps(report))
     Path("b.pt").write_bytes(b"weights b, retrained")  # its maps are stale now
@@ -326,6 +326,10 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
     rows = select_model.rank(["a.pt"], tmp_path, reuse=True, smoothings=((0.0, 0.0, 0.0),))
     assert folders[-1] == "maps/a.pt_s0_0_0/val-philips" and rows[0]["prior_width"] == "bundle's, smoothing 0,0,0 mm"
     assert json.loads(flags_seen[-1]["refine_smoothing_mm"]) == [0, 0, 0]
+    # the calibration without the scalp's fat: maps of their own, made with that flag
+    rows = select_model.rank(["a.pt"], tmp_path, reuse=True, scalp_fats=(False,))
+    assert folders[-1] == "maps/a.pt_no_scalp_fat/val-philips" and flags_seen[-1]["refine_scalp_fat"] is False
+    assert rows[0]["prior_width"] == "bundle's, no scalp fat"
 
 
 def test_other_gains_explain_the_images_exactly_with_other_maps(study):

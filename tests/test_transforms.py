@@ -339,6 +339,65 @@ def test_calibration_recovers_gains_the_network_got_wrong():
     assert wm_t1_bias(guarded) == pytest.approx(wm_t1_bias(plain))
 
 
+def test_scalp_fat_signals_keep_the_series_ratios_through_bias_field_and_air():
+    """A block of brain inside a 5 mm-thick fat shell 6 mm beyond it, under a bias field of +-20 % and with a third of
+    the fat voxels half air: the sampled signals have the fat's T2w/T1w and FLAIR/T1w ratios to 0.5 %."""
+    from scripts.calibration import scalp_signals
+
+    rng = np.random.default_rng(0)
+    x, y, z = np.meshgrid(*(np.arange(40.0),) * 3, indexing="ij")
+    box = np.maximum.reduce([np.abs(x - 19.5), np.abs(y - 19.5), np.abs(z - 19.5)])  # distance from the centre, mm
+    brain = box <= 9
+    fat = (box >= 16) & (box < 21)  # 6-11 mm beyond the brain (voxel centres)
+    water = np.where(fat, np.where(rng.random(fat.shape) < 1 / 3, 0.5, 1.0), 0.0)
+    protocol = np.array([[500.0, 14.0, 0.0], [4200.0, 105.0, 0.0], [9500.0, 140.0, 2375.0]])
+    expected = physics.synthesize(np.array([380.0, 115.0, 90.0]), protocol)
+    bias = np.exp(0.2 * np.sin(x / 13) * np.cos(y / 17))
+    volumes = expected[:, None, None, None] * water * bias + rng.normal(0, 0.05, (3, *x.shape)).clip(0)
+    volumes[:, brain] = 30.0  # the brain is left out however bright
+    signals = scalp_signals(volumes, brain, (1.0, 1.0, 1.0))
+    assert signals[1:] / signals[0] == pytest.approx(expected[1:] / expected[0], rel=0.005)
+    assert scalp_signals(volumes * ~fat, brain, (1.0, 1.0, 1.0)) is None  # no scalp in the field of view
+
+
+def test_scalp_fat_pins_gains_the_brain_tissues_leave_open():
+    """WM, GM and CSF at the top of their ranges under a network whose T2w gain is 12 % high and FLAIR gain 8 % low,
+    with scalp fat beyond an air gap: the brain's tissues alone put the prior's middle guess on WM (T1 several % low,
+    in a span over 10 % wide); held with the fat WM's T1 comes back within 2 % and the span narrows."""
+    from scripts.phantom import TISSUE_RANGES
+
+    highest = [[r[1] for r in TISSUE_RANGES[t]] for t in (3, 2, 1)]
+    fat, air = (380.0, 115.0, 90.0), (1000.0, 100.0, 0.0)
+    data, truth = _refinement_case(values=[fat, air, *highest], slabs=(3, 4, 5, 4, 4))
+    protocol = physics.normalize_parameters(data["params"].numpy(), inverse=True)
+    images = np.stack([data[f"{s}_grid"][0].numpy().reshape(-1) for s in physics.SERIES]).astype(np.float64)
+    wrong = np.array([20.0, 15.0 * 1.12, 30.0 * 0.92])
+    data["pred"] = torch.from_numpy(physics.fit_maps(images, protocol, wrong).reshape(truth.shape).astype(np.float32))
+    data["brain_mask"] = torch.zeros(1, 20, 10, 10)
+    data["brain_mask"][:, 7:] = 1  # the fat lies 5-7 mm beyond it
+    wm = np.zeros(truth.shape[1:], dtype=bool)
+    wm[7:12] = True
+
+    def wm_t1_bias(out):
+        return 100 * (out["pred"][0].numpy()[wm].mean() / truth[0][wm].mean() - 1)
+
+    brain_only = PhysicsRefined(calibrate=True)(data)
+    with_fat = PhysicsRefined(calibrate=True, scalp_fat=True)(data)
+    low, high = brain_only["refinement"]["calibration_span_pct"]["T1"]["WM"]
+    assert wm_t1_bias(brain_only) < -4 and high - low > 10
+    assert brain_only["refinement"]["calibration_references"] == ["WM", "GM", "CSF"]
+    assert with_fat["refinement"]["calibration_references"] == ["WM", "GM", "CSF", "scalp fat"]
+    assert abs(wm_t1_bias(with_fat)) < 2
+    low_fat, high_fat = with_fat["refinement"]["calibration_span_pct"]["T1"]["WM"]
+    assert high_fat - low_fat < (high - low) / 5  # -9.4..+5.5 % without the fat, -0.6..+0.6 % with it
+    # fat that no gains reconcile with the brain (T1 1000 ms: not fat) leaves the brain's tissues to calibrate alone
+    data["T1w_grid"][:, :3] *= 0.6
+    unlike = PhysicsRefined(calibrate=True, scalp_fat=True)(data)
+    assert unlike["refinement"]["calibration_references"] == ["WM", "GM", "CSF"]
+    assert "together" in unlike["refinement"]["calibration_fat_note"]
+    assert unlike["refinement"]["gains_per_pu"] == pytest.approx(brain_only["refinement"]["gains_per_pu"])
+
+
 def test_a_rim_beyond_the_brain_mask_is_fitted_without_moving_the_calibration():
     """Three slabs of scalp fat (T1 380 ms, below WM's) outside the brain mask, under a network that got the T2w and
     FLAIR gains wrong: refined on the grown mask with the brain mask as ``brain_key``, the brain's maps and gains are

@@ -1,4 +1,5 @@
-"""Receiver gains from the tissue prior: the gain ratios under which WM, GM and pure CSF look like themselves.
+"""Receiver gains from the tissue prior: the gain ratios under which WM, GM, pure CSF and the scalp's fat look
+like themselves.
 
 Three weighted series give three equations per voxel for three unknowns, so with the receiver gains unknown
 every gain triple explains a study's images exactly with other maps (``scripts/gain_ambiguity.py``). Prior
@@ -8,6 +9,12 @@ every training head is drawn from); their mean is the prior's best guess. GM and
 three series; pure CSF (the ventricles' core) is read from T1w and T2w only: it sits near FLAIR's null, where
 a magnitude image holds mostly noise floor and the partial volume of brighter tissue.
 
+Subcutaneous fat is the classic internal reference: its T1 and T2 vary little between people (the prior's
+scalp: 350-420 ms, 100-130 ms), and its signal ratios between the series do not depend on how much of a voxel it
+fills, on the coil's bias field or on its PD. Brain tissues alone leave a head's WM T1 open by 20-40 %
+(``gain_ambiguity.py``); the fat's T2w/T1w and FLAIR/T1w ratios close most of that. It is sampled outside the
+brain mask (``scalp_signals``), where the network maps nothing, so the images alone say where it is.
+
 Once the gains are calibrated, ``level_corrected`` moves the network's maps toward what the images say about
 each level of them (WM, GM, ...), which the refinement's prior then holds.
 """
@@ -15,10 +22,11 @@ each level of them (WM, GM, ...), which the refinement's prior then holds.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 from scripts import physics
 from scripts.phantom import TISSUE_RANGES
 
-CSF, GM, WM = 1, 2, 3
+CSF, GM, WM, FAT = 1, 2, 3, 6  # phantom labels; the phantom's scalp is fat
 #: Gain ratios T2w/T1w and FLAIR/T1w searched: 0.61-1.65 in 0.8 % steps, 1 included.
 RATIOS = tuple(np.exp(np.linspace(-0.5, 0.5, 121)))
 #: Which voxels of a study sample each tissue: percentiles of the network's T1 inside the brain mask (WM's and
@@ -30,6 +38,38 @@ LEVEL_BINS = 10
 #: T1 (ms) from which ``level_corrected`` leaves a level where the network put it: GM's highest (``TISSUE_RANGES``),
 #: so the levels of CSF and of its partial volume with tissue (1650, 2000 and 2333 were tried on the validation heads).
 CSF_LEVEL_T1_MS = TISSUE_RANGES[GM][0][1]
+
+
+#: Where ``scalp_signals`` looks for fat: this far outside the brain mask (mm), past the skull (4-7 mm in the
+#: phantom) and within the scalp (4-8 mm more), with room for a mask a few mm off.
+SCALP_SHELL_MM = (3.0, 20.0)
+#: Fat is the brightest tissue of that shell in every series (short T1, long T2, PD ~90 p.u.): voxels at least
+#: this fraction of the shell's 99th percentile in each series sample it. The scalp is a thin shell, and each
+#: series' slabs cross it at their own angle and resolution, so where one series sees pure fat another may see
+#: it mixed with air or skull: on the validation heads the median T2w/T1w and FLAIR/T1w ratios came out 6.7 % and
+#: 8.5 % low at 0.5, 1.4 % and 2.0 % at 0.8, 0.5 % and 0.8 % at 0.9.
+SCALP_BRIGHT = 0.9
+#: Fewer fat voxels than this and the scalp is not used (a study cropped to the brain, a fat-suppressed series).
+MIN_SCALP_VOXELS = 200
+
+
+def scalp_signals(volumes: np.ndarray, brain: np.ndarray, spacing) -> np.ndarray | None:
+    """(3,) T1w, T2w, FLAIR signal of the scalp's fat in ``volumes`` (3, X, Y, Z, one grid), ``brain`` (X, Y, Z) the
+    brain mask, ``spacing`` (3,) its voxel size in mm; None where too few voxels qualify (``MIN_SCALP_VOXELS``).
+
+    The fat is sampled in the shell ``SCALP_SHELL_MM`` outside the brain where every series has signal (inside every
+    series' field of view) and is bright (``SCALP_BRIGHT``). Each series is the median T1w signal times the median
+    per-voxel ratio to T1w: ratios cancel the bias field and partial volume with air, which the medians of the
+    signals would not."""
+    distance = ndimage.distance_transform_edt(~brain, sampling=spacing)
+    shell = (distance >= SCALP_SHELL_MM[0]) & (distance <= SCALP_SHELL_MM[1]) & np.all(volumes > 0, axis=0)
+    if shell.sum() < MIN_SCALP_VOXELS:
+        return None
+    values = volumes[:, shell]
+    fat = values[:, np.all(values >= SCALP_BRIGHT * np.percentile(values, 99, axis=1)[:, None], axis=0)]
+    if fat.shape[1] < MIN_SCALP_VOXELS:
+        return None
+    return np.median(fat[0]) * np.concatenate([[1.0], np.median(fat[1:] / fat[0], axis=1)])
 
 
 def tissue_signals(images: np.ndarray, t1: np.ndarray, percentiles=TISSUE_PERCENTILES) -> dict[int, np.ndarray]:
@@ -51,8 +91,8 @@ def ratio_factors(ratios=RATIOS) -> np.ndarray:
 def explanations(signals: dict[int, np.ndarray], params, factors: np.ndarray, tissues=(GM, WM)):
     """Each tissue's values under every gain factor triple, and which triples keep ``tissues`` inside their ranges.
 
-    ``signals`` {label: (3,) T1w, T2w, FLAIR signal in p.u. at the current gains} for WM, GM (and CSF when in
-    ``tissues``); ``params`` (3, 3) the protocol; ``factors`` (3, G) gain factors (the signals are divided by
+    ``signals`` {label: (3,) T1w, T2w, FLAIR signal in p.u. at the current gains} for WM, GM (and CSF, FAT when
+    in ``tissues``); ``params`` (3, 3) the protocol; ``factors`` (3, G) gain factors (the signals are divided by
     them). Returns ``plausible`` (G,), ``fitted`` (3 maps, WM GM, G) and the common PD scales [``low``,
     ``high``] (G,) that put WM and GM PD inside their ranges (true PD = fitted PD / scale).
     """
@@ -69,6 +109,8 @@ def explanations(signals: dict[int, np.ndarray], params, factors: np.ndarray, ti
     plausible &= low <= high
     if CSF in tissues:
         plausible &= _csf_plausible(signals[CSF], params, factors, low, high)
+    if FAT in tissues:
+        plausible &= _fat_plausible(signals[FAT], params, factors)
     return plausible, fitted, low, high
 
 
@@ -143,6 +185,16 @@ def level_corrected(
     shifts[:, centres >= csf_t1_ms] = 0.0
     order = np.argsort(centres)  # np.interp needs increasing centres; the fit can swap two close bins
     return prior * np.exp(np.stack([np.interp(where, centres[order], shift[order]) for shift in shifts]))
+
+
+def _fat_plausible(fat, params, factors) -> np.ndarray:
+    """Which gain factor triples (3, G) explain the scalp fat's signals (3,) with its T1 and T2 inside their ranges
+    (its PD is not held: the fat's signals carry the bias field and its partial volume with air)."""
+    fitted = physics.fit_maps(np.asarray(fat, dtype=np.float64)[:, None] / factors, params, np.ones(3), iterations=30)
+    plausible = np.ones(factors.shape[1], dtype=bool)
+    for c, (lo, hi) in enumerate(TISSUE_RANGES[FAT][:2]):
+        plausible &= (fitted[c] >= lo) & (fitted[c] <= hi)
+    return plausible
 
 
 def _csf_plausible(csf, params, factors, low, high, tolerance: float = 0.01, chunk: int = 1024) -> np.ndarray:

@@ -345,10 +345,13 @@ def span_table(rows: list[dict], studies: set[str], method: str) -> tuple[list[s
 
 
 def ideal_observer(study: Path) -> dict:
-    """The tissue prior's ideal observer on ``study``: ``gain_ambiguity.prior_calibration`` with GM, WM and pure
-    CSF, reading each tissue's exact value from the truth: what a method without the receiver gains reaches on
-    that head at best on average, and the span of what the prior allows."""
-    return gain_ambiguity.prior_calibration(*gain_ambiguity.tissue_values(study), gain_ambiguity.WITH_CSF)
+    """The tissue prior's ideal observer on ``study``: ``gain_ambiguity.prior_calibration`` with GM, WM, pure CSF
+    and the scalp's fat (where the head has a scalp), reading each tissue's exact value from the truth: what a
+    method without the receiver gains reaches on that head at best on average, and the span of what the prior
+    allows."""
+    values, params = gain_ambiguity.tissue_values(study)
+    tissues = gain_ambiguity.WITH_FAT if gain_ambiguity.FAT in values else gain_ambiguity.WITH_CSF
+    return gain_ambiguity.prior_calibration(values, params, tissues)
 
 
 def ideal_observer_table(rows: list[dict], studies: list[Path], method: str) -> list[str]:
@@ -512,6 +515,7 @@ REFINEMENT_SWITCHES = {
     "calibration": ("refine_calibrate", "calibration", False),
     "partial-volume": ("refine_partial_volume", "partial volume", False),
     "water-fraction": ("refine_water_fraction", "water fraction", False),
+    "scalp-fat": ("refine_scalp_fat", "scalp fat", False),
     "smoothing": ("refine_smoothing_mm", "smoothing", "[0,0,0]"),
 }
 
@@ -721,8 +725,9 @@ median true value: how far the protocol alone moves what the images allow when t
 {verdicts}
 
 How close the bias target is to what the images allow: without the receiver gains, an *ideal observer* that reads
-each tissue's exact value from the truth and knows the tissue prior (the ranges every head is drawn from: GM, WM
-and the ventricles' core, `scripts/gain_ambiguity.py`) takes the mean of the explanations the prior keeps. Its
+each tissue's exact value from the truth and knows the tissue prior (the ranges every head is drawn from: GM, WM,
+the ventricles' core and the scalp's fat, `scripts/gain_ambiguity.py`) takes the mean of the explanations the prior
+keeps. Its
 bias on each study (out of range too, where the target is 8 %), beside the shipped pipeline's, with the span of
 what the prior allows:
 

@@ -26,7 +26,8 @@ network's maps may be off) are chosen the same way: each ``--prior-width`` is on
 
 The refinement's per-study gain calibration is on, as in the bundle; ``--calibrate off`` maps without it
 (``--refine_calibrate false``), ``--calibrate both`` ranks each candidate with and without it; likewise
-``--partial-volume off|both`` for fitting T2w and FLAIR as acquired on their own grids. ``--smoothing T1,T2,PD``
+``--partial-volume off|both`` for fitting T2w and FLAIR as acquired on their own grids, ``--scalp-fat off|both`` for
+holding the scalp's fat to its prior in the calibration. ``--smoothing T1,T2,PD``
 (repeatable, mm) ranks the widths over which the refinement averages each map's move from the prior
 (``refine_smoothing_mm``).
 
@@ -70,7 +71,8 @@ from scripts.clinical_studies import (  # noqa: E402
 from scripts.outputs import file_sha256  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-#: The refinement's parts a candidate has on or off (``--calibrate``, ``--partial-volume``, ``--water-fraction``);
+#: The refinement's parts a candidate has on or off (``--calibrate``, ``--partial-volume``, ``--water-fraction``,
+#: ``--scalp-fat``);
 #: the smoothing has widths of its own (``--smoothing``).
 ON_OFF = [switch for switch in REFINEMENT_SWITCHES.values() if switch[2] is False]
 
@@ -109,9 +111,10 @@ def made_by(
     partial_volume: bool = True,
     water_fraction: bool = True,
     smoothing_mm=(0.0, 0.0, 0.0),
+    scalp_fat: bool = True,
 ) -> bool:
     """Whether ``out`` holds maps of the weights with this SHA-256, with this refinement, prior width (3,), gain
-    calibration, partial-volume model and water fraction."""
+    calibration, partial-volume model, water fraction, smoothing and scalp fat in the calibration."""
     if not (out / "report.json").exists():
         return False
     report = json.loads((out / "report.json").read_text())
@@ -124,6 +127,7 @@ def made_by(
         and refinement.get("partial_volume", False) == (refine and partial_volume)
         and ("water_fraction" in refinement) == (refine and water_fraction)
         and (not refine or np.allclose(refinement.get("smoothing_mm", 0.0), smoothing_mm))
+        and refinement.get("scalp_fat", False) == (refine and calibrate and scalp_fat)
     )
 
 
@@ -138,6 +142,7 @@ def rank(
     partial_volumes=(True,),
     water_fractions=(True,),
     smoothings=(None,),
+    scalp_fats=(True,),
     heads=None,
     without=(),
     true_mask: bool = False,
@@ -149,7 +154,8 @@ def rank(
     ``calibrations``: without (False) and/or with (True) the refinement's per-study gain calibration, each a
     candidate (``--refine_calibrate``); ``partial_volumes`` likewise for fitting T2w and FLAIR as acquired on their
     own grids (``--refine_partial_volume``), ``water_fractions`` for reading a deficit common to every series as
-    missing water (``--refine_water_fraction``). ``heads``: (study id, protocol, seed) to rank on (default
+    missing water (``--refine_water_fraction``), ``scalp_fats`` for holding the scalp's fat to its prior in the
+    calibration (``--refine_scalp_fat``). ``heads``: (study id, protocol, seed) to rank on (default
     ``VALIDATION_STUDIES``). ``without``: the same heads acquired without these of
     ``clinical_studies.ACQUISITION_FACTORS`` (e.g. ``("noise",)``), in ``studies_without_<factors>`` and
     ``maps_without_<factors>``: what each part of the acquisition does to the maps. ``true_mask``: every study
@@ -164,9 +170,11 @@ def rank(
     bundle_widths, bundle_smoothing = bundle["refine_prior_width"], bundle["refine_smoothing_mm"]
     rows = []
     pairs = list(
-        itertools.product(candidates, prior_widths, calibrations, partial_volumes, water_fractions, smoothings)
+        itertools.product(
+            candidates, prior_widths, calibrations, partial_volumes, water_fractions, smoothings, scalp_fats
+        )
     )
-    for candidate, width, calibrate, partial_volume, water_fraction, smoothing in tqdm(
+    for candidate, width, calibrate, partial_volume, water_fraction, smoothing, scalp_fat in tqdm(
         pairs, desc="candidates", unit="candidate"
     ):
         checkpoint, own_overlay = split_overlay(candidate)
@@ -178,9 +186,11 @@ def rank(
         folder += "" if width is None else "_w" + label.replace(",", "_")
         folder += "" if smoothing is None else "_s" + "_".join(f"{w:g}" for w in smoothing)
         folder += "" if refine else "_network"  # apart from the refined maps of the same weights
-        switches = dict(zip((flag for flag, *_ in ON_OFF), (calibrate, partial_volume, water_fraction), strict=True))
+        on = (calibrate, partial_volume, water_fraction, scalp_fat)
+        switches = dict(zip((flag for flag, *_ in ON_OFF), on, strict=True))
         smoothing_used = bundle_smoothing if smoothing is None else smoothing
-        off = [what for flag, what, _ in ON_OFF if refine and not switches[flag]]
+        # the scalp's fat only takes part in a calibration
+        off = [what for flag, what, _ in ON_OFF if refine and not switches[flag] and (calibrate or what != "scalp fat")]
         folder += "".join(f"_no_{switch.replace(' ', '_')}" for switch in off)
         folder += "_true_mask" if true_mask else ""
         sha256 = file_sha256(checkpoint) if reuse else None
@@ -189,7 +199,7 @@ def rank(
         for study in studies:
             out = work / f"maps{kind}" / folder / study.name
             if reuse and made_by(
-                out, sha256, refine, width_used, calibrate, partial_volume, water_fraction, smoothing_used
+                out, sha256, refine, width_used, calibrate, partial_volume, water_fraction, smoothing_used, scalp_fat
             ):
                 maps, report = read_maps(out)
             else:
@@ -260,6 +270,8 @@ def main(argv=None) -> None:
                         help="fit T2w and FLAIR as acquired on their own grids (--refine_partial_volume)")  # fmt: skip
     parser.add_argument("--water-fraction", choices=("off", "on", "both"), default="on",
                         help="read a common deficit of all series as less water (--refine_water_fraction)")  # fmt: skip
+    parser.add_argument("--scalp-fat", choices=("off", "on", "both"), default="on",
+                        help="hold the scalp's fat to its prior in the calibration (--refine_scalp_fat)")  # fmt: skip
     parser.add_argument("--smoothing", action="append", type=_smoothing, metavar="T1,T2,PD",
                         help="refinement smoothing of the fit's moves per map in mm (--refine_smoothing_mm), "
                              "repeatable (default: the bundle's)")  # fmt: skip
@@ -277,10 +289,10 @@ def main(argv=None) -> None:
     widths = args.prior_width or (None,)
     switch = {"off": (False,), "on": (True,), "both": (False, True)}  # a refinement switch's candidates
     calibrations, partial_volumes = switch[args.calibrate], switch[args.partial_volume]
-    water_fractions = switch[args.water_fraction]
+    water_fractions, scalp_fats = switch[args.water_fraction], switch[args.scalp_fat]
     heads = VALIDATION_OUT_OF_RANGE if args.out_of_range else VALIDATION_STUDIES
     rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations,
-                partial_volumes, water_fractions, args.smoothing or (None,), heads, args.without,
+                partial_volumes, water_fractions, args.smoothing or (None,), scalp_fats, heads, args.without,
                 args.true_mask)  # fmt: skip
     args.work.mkdir(parents=True, exist_ok=True)
     kind = without_suffix(args.without)

@@ -546,7 +546,9 @@ class PhysicsRefined(MapTransform):
     (``calibration.level_corrected``: median log ratio of a loosely held fit, per bin of the network's T1, each
     voxel moved as the level between its network T1 and its fitted T1) before (3). A 2D network calibrates each
     slice on what the slice holds, while the gains belong to the whole series and most slices hold no ventricle;
-    and it maps WM and GM with its training prior's contrast.
+    and it maps WM and GM with its training prior's contrast. With ``scalp_fat`` the scalp's fat, sampled outside
+    the brain mask (``calibration.scalp_signals``), is held to its prior too: brain tissues alone leave the gain
+    ratios, and so WM T1, open by tens of % on some heads.
     Under a protocol outside the training ``ranges`` the network's maps, which pick the voxels each tissue is
     sampled from, are the least reliable, and calibrating there made the evaluation's out-of-range studies
     worse: the network's gains stay.
@@ -584,6 +586,9 @@ class PhysicsRefined(MapTransform):
             is scaled by ``partial_volume.water_fraction`` before the fit, which would otherwise explain the
             missing signal with longer T1 and shorter T2; ``info_key`` reports the share of voxels whose PD it
             lowers by more than 5 % and their median fraction.
+        scalp_fat: with ``calibrate``, also hold the scalp's fat to its prior (above); where the grid holds too
+            little of it, or no gains explain it with the brain's tissues, the brain's tissues calibrate alone
+            (``info_key`` lists the ``calibration_references`` and says why fat is not among them).
         smoothing_mm: (3,) widths (mm, Gaussian sigma) over which each map's move from the prior is averaged after
             the fit (``smoothed_moves``; 0 leaves a map as fitted): each voxel's fit carries its own images' noise,
             independent from its neighbours', while the prior's edges stay. The bundle sets them in
@@ -608,9 +613,10 @@ class PhysicsRefined(MapTransform):
         partial_volume: bool = False,
         water_fraction: bool = False,
         smoothing_mm: Sequence[float] = (0.0, 0.0, 0.0),
+        scalp_fat: bool = False,
     ) -> None:
         super().__init__(keys)
-        self.enabled, self.calibrate, self.ranges = enabled, calibrate, ranges
+        self.enabled, self.calibrate, self.ranges, self.scalp_fat = enabled, calibrate, ranges, scalp_fat
         self.acquired_keys, self.partial_volume = tuple(acquired_keys), partial_volume
         self.water_fraction, self.smoothing_mm = water_fraction, tuple(smoothing_mm)
         self.image_keys, self.params_key, self.mask_key, self.brain_key, self.info_key = (
@@ -645,6 +651,7 @@ class PhysicsRefined(MapTransform):
         noise_counts = np.array([_noise_sigma(convert_to_numpy(d[k])[0], brain_volume) for k in self.image_keys])
         seen = images
         grid = np.asarray(convert_to_numpy(maps.affine), dtype=np.float64)
+        spacing = np.linalg.norm(grid[:3, :3], axis=0)
         if self.partial_volume:
             acquired = [d[k] if k in d else None for k in self.acquired_keys]
             # the network's maps model the brain only: the rim beyond it keeps its measured signal
@@ -652,7 +659,10 @@ class PhysicsRefined(MapTransform):
             seen = partial_volume.corrected_images(volumes, predicted, inside, grid, acquired)
         calibrated = {}
         if self.calibrate:
-            prior, gains, calibrated = self._calibrated(prior, synth, images, seen, gains, noise_counts, params, brain)
+            scalp = calibration.scalp_signals(volumes, brain_volume, spacing) if self.scalp_fat else None
+            prior, gains, calibrated = self._calibrated(
+                prior, synth, images, seen, gains, noise_counts, params, brain, scalp
+            )
         noise = _noise_pu(noise_counts, gains)
         water = {}
         if self.water_fraction:
@@ -666,7 +676,6 @@ class PhysicsRefined(MapTransform):
         refined = physics.fit_maps(seen, params, gains, prior=prior, prior_width=self.prior_width, noise=noise,
                                    iterations=self.iterations)  # fmt: skip
         if any(self.smoothing_mm):
-            spacing = np.linalg.norm(grid[:3, :3], axis=0)
             refined = smoothed_moves(refined, prior, inside, np.outer(self.smoothing_mm, 1 / spacing))
         out = maps.clone()
         out[:, torch.from_numpy(inside)] = torch.as_tensor(refined, dtype=out.dtype)
@@ -682,6 +691,7 @@ class PhysicsRefined(MapTransform):
             **calibrated,
             "prior_width_log": list(self.prior_width),
             "partial_volume": self.partial_volume,
+            "scalp_fat": self.calibrate and self.scalp_fat,
             **({"partial_volume_pct": _change_pct(seen, images)} if self.partial_volume else {}),
             **water,
             "noise_pu": noise.round(6).tolist(),
@@ -691,20 +701,34 @@ class PhysicsRefined(MapTransform):
         }
         return d
 
-    def _calibrated(self, prior, synth, images, seen, gains, noise_counts, params, brain):
+    def _calibrated(self, prior, synth, images, seen, gains, noise_counts, params, brain, scalp=None):
         """The per-study gain calibration (class docstring): (prior, gains, report entries) for the refinement;
         where it does not apply, the network's prior and gains, ``calibration`` None and a note saying why. The
-        gains come from tissue medians of the ``images`` in the ``brain``; the level correction fits the images as
-        the fits see them (``seen``), measures the levels in the ``brain`` and moves every voxel.
+        gains come from tissue medians of the ``images`` in the ``brain`` and the fat's signals ``scalp`` (3,; None:
+        brain tissues only); the level correction fits the images as the fits see them (``seen``), measures the
+        levels in the ``brain`` and moves every voxel.
         ``calibration_span_pct``: the lowest and highest WM and GM value of each map among the explanations the
         tissue prior allows, % of the calibrated value: what the images leave open."""
         if physics.protocol_violations(params, self.ranges):
             return prior, gains, {"calibration": None, "calibration_note": "protocol outside the training ranges: "
                                   "the network's gains kept"}  # fmt: skip
         signals = calibration.tissue_signals(images[:, brain] / gains[:, None], prior[0, brain])
-        if (allowed := calibration.plausible_explanations(signals, params)) is None:
+        brain_tissues = (calibration.GM, calibration.WM, calibration.CSF)
+        allowed, references = None, ["WM", "GM", "CSF"]
+        if not self.scalp_fat:
+            fat = {}
+        elif scalp is None:
+            fat = {"calibration_fat_note": "too few bright voxels outside the brain mask to sample the scalp's fat"}
+        else:
+            signals[calibration.FAT] = scalp / gains
+            allowed = calibration.plausible_explanations(signals, params, (*brain_tissues, calibration.FAT))
+            fat = {} if allowed else {"calibration_fat_note": "no gains explain the scalp's fat and the brain's "
+                                      "tissues inside their ranges together: the brain's tissues alone"}  # fmt: skip
+        if allowed is not None:
+            references.append("scalp fat")
+        elif (allowed := calibration.plausible_explanations(signals, params, brain_tissues)) is None:
             return prior, gains, {"calibration": None, "calibration_note": "no gains put WM, GM and CSF inside "
-                                  "their ranges: the network's gains kept"}  # fmt: skip
+                                  "their ranges: the network's gains kept", **fat}  # fmt: skip
         factors = calibration.prior_gain_factors(allowed)
         guess, lowest, highest = calibration.tissue_value_span(allowed)
         span = {
@@ -717,7 +741,8 @@ class PhysicsRefined(MapTransform):
                                      prior_width=(1e3,) * 3, noise=np.ones(3), iterations=20)  # fmt: skip
         loose = physics.fit_maps(seen, params, gains, prior=explained, prior_width=(1.0,) * 3,
                                  noise=_noise_pu(noise_counts, gains), iterations=self.iterations)  # fmt: skip
-        info = {"calibration": factors.round(4).tolist(), "calibration_span_pct": span}
+        info = {"calibration": factors.round(4).tolist(), "calibration_references": references, **fat,
+                "calibration_span_pct": span}  # fmt: skip
         return calibration.level_corrected(explained, loose, sample=brain), gains, info
 
 
