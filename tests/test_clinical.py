@@ -345,7 +345,8 @@ def test_other_gains_explain_the_images_exactly_with_other_maps(study):
 
 def test_tissue_prior_narrows_the_explanations_to_a_best_guess():
     """Exact tissue values at the middle of their ranges: the truth is one plausible explanation of several; the
-    prior's best guess lies in their span, near the truth; a prior on pure CSF too rules explanations out."""
+    prior's best guess lies in their span, near the truth; a prior on pure CSF too rules explanations out, and one on
+    the scalp's fat more."""
     from scripts import gain_ambiguity
     from scripts.phantom import TISSUE_RANGES
 
@@ -359,6 +360,11 @@ def test_tissue_prior_narrows_the_explanations_to_a_best_guess():
     with_csf = gain_ambiguity.prior_calibration(values, params, (1, 2, 3), ratios)
     assert with_csf["truth_plausible"] and 1 <= with_csf["plausible"] < wm_gm["plausible"]
     assert with_csf["T1_WM"][1] - with_csf["T1_WM"][0] < high - low
+    # the scalp's fat (T1 and T2 held, its PD not) narrows them further
+    values[6] = np.array([np.mean(r) for r in TISSUE_RANGES[6]])
+    with_fat = gain_ambiguity.prior_calibration(values, params, (1, 2, 3, 6), ratios)
+    assert with_fat["truth_plausible"] and 1 <= with_fat["plausible"] < with_csf["plausible"]
+    assert with_fat["T1_WM"][1] - with_fat["T1_WM"][0] < (with_csf["T1_WM"][1] - with_csf["T1_WM"][0]) / 2
 
 
 def test_error_budget_places_the_squared_error_by_tissue_boundary_and_unmapped_voxels():

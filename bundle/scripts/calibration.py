@@ -46,8 +46,8 @@ SCALP_SHELL_MM = (3.0, 20.0)
 #: Fat is the brightest tissue of that shell in every series (short T1, long T2, PD ~90 p.u.): voxels at least
 #: this fraction of the shell's 99th percentile in each series sample it. The scalp is a thin shell, and each
 #: series' slabs cross it at their own angle and resolution, so where one series sees pure fat another may see
-#: it mixed with air or skull: on the validation heads the median T2w/T1w and FLAIR/T1w ratios came out 6.7 % and
-#: 8.5 % low at 0.5, 1.4 % and 2.0 % at 0.8, 0.5 % and 0.8 % at 0.9.
+#: it mixed with air or skull: on the validation heads the median T2w/T1w and FLAIR/T1w ratios came out 5.6 % and
+#: 7.0 % low at 0.5, 1.4 % and 2.0 % at 0.8, 0.5 % and 0.9 % at 0.9 (the model card, *The scalp's fat*).
 SCALP_BRIGHT = 0.9
 #: Fewer fat voxels than this and the scalp is not used (a study cropped to the brain, a fat-suppressed series).
 MIN_SCALP_VOXELS = 200
