@@ -693,12 +693,12 @@ bone weigh in MPE as much as a few % error everywhere.
 ## What the images leave open: the calibration's span (in range, {budget_method})
 
 Without the receiver gains, many gain ratios explain a study's images exactly, each with other tissue values;
-the calibration keeps those under which WM, GM and the ventricles' core stay inside the tissue prior's ranges and
-takes their mean (`scripts/calibration.py`). `report.json` (`physics_refinement.calibration_span_pct`) gives the
-lowest and highest WM and GM value among them, % of the value calibrated: how far the images fix the tissue
-values. Beside it, where the truth lies (% of the delivered ROI mean). The truth is inside the span for
-{span_inside} (study, map, tissue); outside it, the error is not the gains' but the maps' (level correction,
-noise, partial volume) or the tissue samples'.
+the calibration keeps those under which WM, GM, the ventricles' core and the scalp's fat (where it is found and fits
+with them) stay inside the tissue prior's ranges and takes their mean (`scripts/calibration.py`). `report.json`
+(`physics_refinement.calibration_span_pct`) gives the lowest and highest WM and GM value among them, % of the
+value calibrated: how far the images fix the tissue values. Beside it, where the truth lies (% of the delivered
+ROI mean). The truth is inside the span for {span_inside} (study, map, tissue); outside it, the error is not the gains'
+but the maps' (level correction, noise, partial volume) or the tissue samples'.
 
 {span}
 
