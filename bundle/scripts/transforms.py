@@ -659,9 +659,8 @@ class PhysicsRefined(MapTransform):
             seen = partial_volume.corrected_images(volumes, predicted, inside, grid, acquired)
         calibrated = {}
         if self.calibrate:
-            scalp = calibration.scalp_signals(volumes, brain_volume, spacing) if self.scalp_fat else None
             prior, gains, calibrated = self._calibrated(
-                prior, synth, images, seen, gains, noise_counts, params, brain, scalp
+                prior, synth, images, seen, gains, noise_counts, params, brain, (volumes, brain_volume, spacing)
             )
         noise = _noise_pu(noise_counts, gains)
         water = {}
@@ -701,12 +700,13 @@ class PhysicsRefined(MapTransform):
         }
         return d
 
-    def _calibrated(self, prior, synth, images, seen, gains, noise_counts, params, brain, scalp=None):
+    def _calibrated(self, prior, synth, images, seen, gains, noise_counts, params, brain, grid_volumes):
         """The per-study gain calibration (class docstring): (prior, gains, report entries) for the refinement;
         where it does not apply, the network's prior and gains, ``calibration`` None and a note saying why. The
-        gains come from tissue medians of the ``images`` in the ``brain`` and the fat's signals ``scalp`` (3,; None:
-        brain tissues only); the level correction fits the images as the fits see them (``seen``), measures the
-        levels in the ``brain`` and moves every voxel.
+        gains come from tissue medians of the ``images`` in the ``brain`` and, with ``scalp_fat``, the fat sampled
+        in ``grid_volumes`` (the series' whole volumes, the brain mask on that grid and its spacing: the scalp
+        lies outside the mapped voxels); the level correction fits the images as the fits see them (``seen``),
+        measures the levels in the ``brain`` and moves every voxel.
         ``calibration_span_pct``: the lowest and highest WM and GM value of each map among the explanations the
         tissue prior allows, % of the calibrated value: what the images leave open."""
         if physics.protocol_violations(params, self.ranges):
@@ -714,19 +714,18 @@ class PhysicsRefined(MapTransform):
                                   "the network's gains kept"}  # fmt: skip
         signals = calibration.tissue_signals(images[:, brain] / gains[:, None], prior[0, brain])
         brain_tissues = (calibration.GM, calibration.WM, calibration.CSF)
-        allowed, references = None, ["WM", "GM", "CSF"]
-        if not self.scalp_fat:
-            fat = {}
-        elif scalp is None:
-            fat = {"calibration_fat_note": "too few bright voxels outside the brain mask to sample the scalp's fat"}
-        else:
-            signals[calibration.FAT] = scalp / gains
-            allowed = calibration.plausible_explanations(signals, params, (*brain_tissues, calibration.FAT))
-            fat = {} if allowed else {"calibration_fat_note": "no gains explain the scalp's fat and the brain's "
-                                      "tissues inside their ranges together: the brain's tissues alone"}  # fmt: skip
-        if allowed is not None:
-            references.append("scalp fat")
-        elif (allowed := calibration.plausible_explanations(signals, params, brain_tissues)) is None:
+        allowed, fat = None, {}
+        if self.scalp_fat:
+            if (scalp := calibration.scalp_signals(*grid_volumes)) is None:
+                fat["calibration_fat_note"] = "too few bright voxels outside the brain mask to sample the scalp's fat"
+            else:
+                signals[calibration.FAT] = scalp / gains
+                allowed = calibration.plausible_explanations(signals, params, (*brain_tissues, calibration.FAT))
+                if allowed is None:
+                    fat["calibration_fat_note"] = ("no gains explain the scalp's fat and the brain's tissues inside "
+                                                   "their ranges together: the brain's tissues alone")  # fmt: skip
+        references = ["WM", "GM", "CSF"] + (["scalp fat"] if allowed is not None else [])
+        if allowed is None and (allowed := calibration.plausible_explanations(signals, params, brain_tissues)) is None:
             return prior, gains, {"calibration": None, "calibration_note": "no gains put WM, GM and CSF inside "
                                   "their ranges: the network's gains kept", **fat}  # fmt: skip
         factors = calibration.prior_gain_factors(allowed)
