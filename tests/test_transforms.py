@@ -363,7 +363,8 @@ def test_scalp_fat_signals_keep_the_series_ratios_through_bias_field_and_air():
 def test_scalp_fat_pins_gains_the_brain_tissues_leave_open():
     """WM, GM and CSF at the top of their ranges under a network whose T2w gain is 12 % high and FLAIR gain 8 % low,
     with scalp fat beyond an air gap: the brain's tissues alone put the prior's middle guess on WM (T1 several % low,
-    in a span over 10 % wide); held with the fat WM's T1 comes back within 2 % and the span narrows."""
+    in a span over 10 % wide); held with the fat WM's T1 comes back within 2 % and the span narrows, also under a
+    protocol outside the training ranges, where the brain's tissues alone do not calibrate."""
     from scripts.phantom import TISSUE_RANGES
 
     highest = [[r[1] for r in TISSUE_RANGES[t]] for t in (3, 2, 1)]
@@ -390,12 +391,50 @@ def test_scalp_fat_pins_gains_the_brain_tissues_leave_open():
     assert abs(wm_t1_bias(with_fat)) < 2
     low_fat, high_fat = with_fat["refinement"]["calibration_span_pct"]["T1"]["WM"]
     assert high_fat - low_fat < (high - low) / 5  # -9.4..+5.5 % without the fat, -0.6..+0.6 % with it
+    # under a protocol outside the training ranges the fat still calibrates, without the level correction
+    ranges = {s: dict(r) for s, r in physics.PROTOCOL_RANGES.items()}
+    ranges["FLAIR"]["TI"] = (1500.0, 2000.0)  # the case's TI is 2500 ms
+    outside = PhysicsRefined(calibrate=True, scalp_fat=True, ranges=ranges)(data)
+    assert outside["refinement"]["calibration_references"] == ["WM", "GM", "CSF", "scalp fat"]
+    assert "no level correction" in outside["refinement"]["calibration_note"]
+    assert outside["refinement"]["gains_per_pu"] == with_fat["refinement"]["gains_per_pu"]
+    assert abs(wm_t1_bias(outside)) < 2
     # fat that no gains reconcile with the brain (T1 1000 ms: not fat) leaves the brain's tissues to calibrate alone
     data["T1w_grid"][:, :3] *= 0.6
     unlike = PhysicsRefined(calibrate=True, scalp_fat=True)(data)
     assert unlike["refinement"]["calibration_references"] == ["WM", "GM", "CSF"]
     assert "together" in unlike["refinement"]["calibration_fat_note"]
     assert unlike["refinement"]["gains_per_pu"] == pytest.approx(brain_only["refinement"]["gains_per_pu"])
+    # ... but not outside the training ranges, where the brain's samples are the least reliable: the network's gains
+    unheld = PhysicsRefined(calibrate=True, scalp_fat=True, ranges=ranges)(data)
+    assert unheld["refinement"]["calibration"] is None and "no scalp fat" in unheld["refinement"]["calibration_note"]
+    assert unheld["refinement"]["gains_per_pu"] == pytest.approx(PhysicsRefined()(data)["refinement"]["gains_per_pu"])
+
+
+def test_fat_held_calibration_widens_the_brain_ranges_for_a_tissue_past_their_edge():
+    """Exact signals of a head whose WM T1 lies 4 % above the prior's range (true values can sit at its edge, and the
+    network's T1 percentiles sample WM a few % off): no gains explain WM, GM, CSF and the scalp's fat inside their
+    ranges together; 2.5 % wider brain ranges do not either, 5 % do, and their guess puts WM T1 within 1 % and the
+    gain ratios within 3 %, where the brain's tissues alone read the T2w gain 8 % high."""
+    from scripts import calibration
+    from scripts.phantom import TISSUE_RANGES
+
+    values = {t: np.array([np.mean(r) for r in TISSUE_RANGES[t]]) for t in (1, 2, 6)}
+    values[3] = np.array([1.04 * TISSUE_RANGES[3][0][1], 85.0, 70.0])
+    params = np.array([[550.0, 10.0, 0.0], [5000.0, 100.0, 0.0], [9000.0, 120.0, 2500.0]])
+    signals = {t: physics.synthesize(v, params) for t, v in values.items()}
+    assert calibration.plausible_explanations(signals, params, (2, 3, 1, 6)) is None
+    assert calibration.plausible_explanations(signals, params, (2, 3, 1, 6), widening=0.025) is None
+    explained, widening = calibration.fat_held_explanations(signals, params)
+    assert widening == 0.05
+    factors = calibration.prior_gain_factors(explained)
+    assert factors[1:] / factors[0] == pytest.approx([1.0, 1.0], abs=0.03)
+    assert calibration.tissue_value_span(explained)[0][0, 0] == pytest.approx(values[3][0], rel=0.01)
+    brain_only = calibration.prior_gain_factors(calibration.plausible_explanations(signals, params))
+    assert brain_only[1] / brain_only[0] > 1.07
+    # fat no widening reconciles with the brain: the largest widening tried comes back with nothing
+    signals[6] = physics.synthesize(np.array([1000.0, 100.0, 90.0]), params)
+    assert calibration.fat_held_explanations(signals, params) == (None, calibration.BRAIN_WIDENING[-1])
 
 
 def test_a_rim_beyond_the_brain_mask_is_fitted_without_moving_the_calibration():
