@@ -694,7 +694,8 @@ bone weigh in MPE as much as a few % error everywhere.
 
 Without the receiver gains, many gain ratios explain a study's images exactly, each with other tissue values;
 the calibration keeps those under which WM, GM, the ventricles' core and the scalp's fat (where it is found and fits
-with them) stay inside the tissue prior's ranges and takes their mean (`scripts/calibration.py`). `report.json`
+with them, the brain's ranges widened by up to 10 % if need be) stay inside the tissue prior's ranges and takes their
+mean (`scripts/calibration.py`). `report.json`
 (`physics_refinement.calibration_span_pct`) gives the lowest and highest WM and GM value among them, % of the
 value calibrated: how far the images fix the tissue values. Beside it, where the truth lies (% of the delivered
 ROI mean). The truth is inside the span for {span_inside} (study, map, tissue); outside it, the error is not the gains'
