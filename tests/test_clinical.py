@@ -330,6 +330,9 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
     rows = select_model.rank(["a.pt"], tmp_path, reuse=True, scalp_fats=(False,))
     assert folders[-1] == "maps/a.pt_no_scalp_fat/val-philips" and flags_seen[-1]["refine_scalp_fat"] is False
     assert rows[0]["prior_width"] == "bundle's, no scalp fat"
+    # without a calibration the fat takes part in nothing: no suffix of its own
+    select_model.rank(["a.pt"], tmp_path, reuse=True, calibrations=(False,), scalp_fats=(False,))
+    assert folders[-1] == "maps/a.pt_no_calibration/val-philips"
 
 
 def test_other_gains_explain_the_images_exactly_with_other_maps(study):

@@ -510,13 +510,13 @@ def nse_figure(study: Path, kept: dict, methods: list[str], path: Path) -> None:
 
 
 #: The refinement's parts an evaluation can also run without: --without-<switch> NAME (inference flag, label, the
-#: flag's value that turns the part off).
+#: flag's value that turns the part off, the flag of the part it belongs to or None).
 REFINEMENT_SWITCHES = {
-    "calibration": ("refine_calibrate", "calibration", False),
-    "partial-volume": ("refine_partial_volume", "partial volume", False),
-    "water-fraction": ("refine_water_fraction", "water fraction", False),
-    "scalp-fat": ("refine_scalp_fat", "scalp fat", False),
-    "smoothing": ("refine_smoothing_mm", "smoothing", "[0,0,0]"),
+    "calibration": ("refine_calibrate", "calibration", False, None),
+    "partial-volume": ("refine_partial_volume", "partial volume", False, None),
+    "water-fraction": ("refine_water_fraction", "water fraction", False, None),
+    "scalp-fat": ("refine_scalp_fat", "scalp fat", False, "refine_calibrate"),
+    "smoothing": ("refine_smoothing_mm", "smoothing", "[0,0,0]", None),
 }
 
 
@@ -541,7 +541,7 @@ def main(argv=None) -> None:
         metavar="NAME",
         help="also map model NAME with --refine false, as 'NAME, no refinement'",
     )
-    for switch, (flag, label, off) in REFINEMENT_SWITCHES.items():
+    for switch, (flag, label, off, _) in REFINEMENT_SWITCHES.items():
         value = str(off).lower()
         parser.add_argument(f"--without-{switch}", action="append", default=[], metavar="NAME",
                             help=f"also map model NAME with --{flag} {value}, as 'NAME, no {label}'")  # fmt: skip
@@ -556,7 +556,7 @@ def main(argv=None) -> None:
         checkpoint, overlay = split_overlay(rest)
         checkpoint = str(Path(checkpoint).resolve())
         models[name] = (checkpoint, overlay, refine, {})  # the bundle's refinement switches
-        for switch, (flag, label, off) in REFINEMENT_SWITCHES.items():
+        for switch, (flag, label, off, _) in REFINEMENT_SWITCHES.items():
             if name in getattr(args, f"without_{switch.replace('-', '_')}"):
                 models[f"{name}, no {label}"] = (checkpoint, overlay, True, {flag: off})
         if name in args.without_refinement:

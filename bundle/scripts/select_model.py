@@ -189,8 +189,8 @@ def rank(
         on = (calibrate, partial_volume, water_fraction, scalp_fat)
         switches = dict(zip((flag for flag, *_ in ON_OFF), on, strict=True))
         smoothing_used = bundle_smoothing if smoothing is None else smoothing
-        # the scalp's fat only takes part in a calibration
-        off = [what for flag, what, _ in ON_OFF if refine and not switches[flag] and (calibrate or what != "scalp fat")]
+        off = [what for flag, what, _, within in ON_OFF
+               if refine and not switches[flag] and (within is None or switches[within])]  # fmt: skip
         folder += "".join(f"_no_{switch.replace(' ', '_')}" for switch in off)
         folder += "_true_mask" if true_mask else ""
         sha256 = file_sha256(checkpoint) if reuse else None
