@@ -589,9 +589,10 @@ class PhysicsRefined(MapTransform):
             is scaled by ``partial_volume.water_fraction`` before the fit, which would otherwise explain the
             missing signal with longer T1 and shorter T2; ``info_key`` reports the share of voxels whose PD it
             lowers by more than 5 % and their median fraction.
-        scalp_fat: with ``calibrate``, also hold the scalp's fat to its prior (above); where the grid holds too
-            little of it, or no gains explain it with the brain's tissues, the brain's tissues calibrate alone
-            (``info_key`` lists the ``calibration_references`` and says why fat is not among them).
+        scalp_fat: with ``calibrate``, also hold the scalp's fat to its prior (above); where no gains explain it
+            with the brain's tissues, their ranges are widened by up to 10 % (``calibration.fat_held_explanations``);
+            where the grid holds too little fat, or that does not reconcile them, the brain's tissues calibrate alone
+            (``info_key`` lists the ``calibration_references``, the widening, and why fat is not among them).
         smoothing_mm: (3,) widths (mm, Gaussian sigma) over which each map's move from the prior is averaged after
             the fit (``smoothed_moves``; 0 leaves a map as fitted): each voxel's fit carries its own images' noise,
             independent from its neighbours', while the prior's edges stay. The bundle sets them in
