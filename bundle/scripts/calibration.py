@@ -212,12 +212,19 @@ def level_corrected(
     return prior * np.exp(np.stack([np.interp(where, centres[order], shift[order]) for shift in shifts]))
 
 
+def held_ranges(tissue: int) -> tuple[tuple[float, float], ...]:
+    """The ranges of ``tissue``'s (T1, T2, PD) that the calibration holds it to: all three, but only T1 and T2 for
+    the scalp's fat, whose signals carry the bias field and its partial volume with air (``_fat_plausible``)."""
+    ranges = tuple(TISSUE_RANGES[tissue])
+    return ranges[:2] if tissue == FAT else ranges
+
+
 def _fat_plausible(fat, params, factors) -> np.ndarray:
     """Which gain factor triples (3, G) explain the scalp fat's signals (3,) with its T1 and T2 inside their ranges
     (its PD is not held: the fat's signals carry the bias field and its partial volume with air)."""
     fitted = physics.fit_maps(np.asarray(fat, dtype=np.float64)[:, None] / factors, params, np.ones(3), iterations=30)
     plausible = np.ones(factors.shape[1], dtype=bool)
-    for c, (lo, hi) in enumerate(TISSUE_RANGES[FAT][:2]):
+    for c, (lo, hi) in enumerate(held_ranges(FAT)):
         plausible &= (fitted[c] >= lo) & (fitted[c] <= hi)
     return plausible
 

@@ -34,7 +34,6 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from scripts import calibration, physics  # noqa: E402
 from scripts.calibration import CSF, FAT, GM, RATIOS, WM  # noqa: E402
-from scripts.phantom import TISSUE_RANGES  # noqa: E402
 
 #: Gain factors (T1w, T2w, FLAIR) tried: each series 10 % off either way, and all three together (PD scale).
 FACTORS = (
@@ -136,8 +135,8 @@ def prior_calibration(values: dict[int, np.ndarray], params, tissues=TISSUES, ra
     out = {
         "plausible": 0 if explained is None else explained[0].shape[1],
         "of": len(ratios) ** 2,
-        "truth_plausible": all(  # the fat's PD is not held (``calibration._fat_plausible``)
-            lo <= values[t][c] <= hi for t in tissues for c, (lo, hi) in enumerate(TISSUE_RANGES[t][: 3 - (t == FAT)])
+        "truth_plausible": all(  # inside the ranges the calibration holds (not the fat's PD)
+            lo <= values[t][c] <= hi for t in tissues for c, (lo, hi) in enumerate(calibration.held_ranges(t))
         ),
     }
     if explained is None:
