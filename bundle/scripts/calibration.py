@@ -95,31 +95,33 @@ def ratio_factors(ratios=RATIOS) -> np.ndarray:
     return np.stack([np.ones(a.size), a.ravel(), b.ravel()])
 
 
-def explanations(signals: dict[int, np.ndarray], params, factors: np.ndarray, tissues=(GM, WM), widening: float = 0.0):
+def explanations(signals: dict[int, np.ndarray], params, factors: np.ndarray, tissues=(GM, WM), widenings=(0.0,)):
     """Each tissue's values under every gain factor triple, and which triples keep ``tissues`` inside their ranges.
 
     ``signals`` {label: (3,) T1w, T2w, FLAIR signal in p.u. at the current gains} for WM, GM (and CSF, FAT when
     in ``tissues``); ``params`` (3, 3) the protocol; ``factors`` (3, G) gain factors (the signals are divided by
-    them); ``widening``: the brain tissues' ranges (not the fat's) widened by this fraction either way. Returns
-    ``plausible`` (G,), ``fitted`` (3 maps, WM GM, G) and the common PD scales [``low``, ``high``] (G,) that put
-    WM and GM PD inside their ranges (true PD = fitted PD / scale).
+    them); ``widenings``: fractions by which the brain tissues' ranges (not the fat's) are widened either way, in
+    turn. Yields, per widening, ``plausible`` (G,), ``fitted`` (3 maps, WM GM, G) and the common PD scales
+    [``low``, ``high``] (G,) that put WM and GM PD inside their ranges (true PD = fitted PD / scale); the tissues
+    are fitted once, the ranges checked per widening.
     """
     images = np.stack([signals[WM], signals[GM]], axis=1)[:, :, None] / factors[:, None]
     fitted = physics.fit_maps(images.reshape(3, -1), params, np.ones(3), iterations=30).reshape(images.shape)
+    fat = _fat_plausible(signals[FAT], params, factors) if FAT in tissues else True
     size = factors.shape[1]
-    plausible = np.ones(size, dtype=bool)
-    low, high = np.zeros(size), np.full(size, np.inf)
-    for j, t in enumerate((WM, GM)):
-        *t1_t2, pd_range = _widened(TISSUE_RANGES[t], widening)
-        for c, (lo, hi) in enumerate(t1_t2):
-            plausible &= (fitted[c, j] >= lo) & (fitted[c, j] <= hi)
-        low, high = np.maximum(low, fitted[2, j] / pd_range[1]), np.minimum(high, fitted[2, j] / pd_range[0])
-    plausible &= low <= high
-    if CSF in tissues:
-        plausible &= _csf_plausible(signals[CSF], params, factors, low, high, _widened(TISSUE_RANGES[CSF], widening))
-    if FAT in tissues:
-        plausible &= _fat_plausible(signals[FAT], params, factors)
-    return plausible, fitted, low, high
+    for widening in widenings:
+        plausible = np.ones(size, dtype=bool)
+        low, high = np.zeros(size), np.full(size, np.inf)
+        for j, t in enumerate((WM, GM)):
+            *t1_t2, pd_range = _widened(TISSUE_RANGES[t], widening)
+            for c, (lo, hi) in enumerate(t1_t2):
+                plausible &= (fitted[c, j] >= lo) & (fitted[c, j] <= hi)
+            low, high = np.maximum(low, fitted[2, j] / pd_range[1]), np.minimum(high, fitted[2, j] / pd_range[0])
+        plausible &= (low <= high) & fat
+        if CSF in tissues:
+            csf_ranges = _widened(TISSUE_RANGES[CSF], widening)
+            plausible &= _csf_plausible(signals[CSF], params, factors, low, high, csf_ranges)
+        yield plausible, fitted, low, high
 
 
 def plausible_explanations(
@@ -128,20 +130,25 @@ def plausible_explanations(
     """The explanations the prior allows (``explanations``): their gain factors (3, P), WM and GM values (3 maps,
     WM GM, P; PD before the common scale) and common PD scales [``low``, ``high``] (P,); None if none is plausible."""
     factors = ratio_factors(ratios)
-    plausible, fitted, low, high = explanations(signals, params, factors, tissues, widening)
-    if not plausible.any():
-        return None
-    return factors[:, plausible], fitted[:, :, plausible], low[plausible], high[plausible]
+    return _kept(factors, *next(explanations(signals, params, factors, tissues, (widening,))))
 
 
 def fat_held_explanations(signals: dict[int, np.ndarray], params, tissues=(GM, WM, CSF)):
     """``plausible_explanations`` of the brain's ``tissues`` and the scalp's fat (``signals[FAT]``) together, with
     the brain's ranges as they are or else widened by the first of ``BRAIN_WIDENING`` that admits some; returns
     (the explanations, the widening) or (None, the largest widening tried)."""
-    for widening in (0.0, *BRAIN_WIDENING):
-        if (explained := plausible_explanations(signals, params, (*tissues, FAT), widening=widening)) is not None:
+    factors, widenings = ratio_factors(), (0.0, *BRAIN_WIDENING)
+    for widening, found in zip(widenings, explanations(signals, params, factors, (*tissues, FAT), widenings)):
+        if (explained := _kept(factors, *found)) is not None:
             return explained, widening
     return None, widening
+
+
+def _kept(factors, plausible, fitted, low, high):
+    """The plausible explanations' factors, fitted values and PD scales (``plausible_explanations``), or None."""
+    if not plausible.any():
+        return None
+    return factors[:, plausible], fitted[:, :, plausible], low[plausible], high[plausible]
 
 
 def _widened(ranges, widening: float) -> list[tuple[float, float]]:
