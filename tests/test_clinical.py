@@ -218,7 +218,8 @@ def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     monkeypatch.setattr(select_model, "VALIDATION_STUDIES", (("val-philips", "philips", 1),))
     factor = {("a.pt", None): 1.10, ("b.pt", None): 1.02, ("a.pt", (0.1, 0.3, 0.03)): 0.99}
 
-    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, flags=None):
+    def fake_network_maps(name, checkpoint, overlay, refine, study, out, flags=None):
+        prior_width = tuple(json.loads(flags["refine_prior_width"])) if "refine_prior_width" in flags else None
         scale = 1.0 if flags["refine_calibrate"] else 1.1
         scale *= 1.0 if flags["refine_partial_volume"] else 0.95
         scale *= 1.0 if flags["refine_water_fraction"] else 0.97
@@ -296,7 +297,7 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
     Path("b.pt").write_bytes(b"weights b, retrained")  # its maps are stale now
     mapped = []
 
-    def fake_network_maps(name, checkpoint, overlay, refine, study, out, prior_width=None, flags=None):
+    def fake_network_maps(name, checkpoint, overlay, refine, study, out, flags=None):
         mapped.append(name)
         folders.append(out.relative_to(tmp_path).as_posix())
         flags_seen.append(flags)

@@ -330,9 +330,7 @@ def test_calibration_recovers_gains_the_network_got_wrong():
     assert span["T1"]["WM"][0] < min(-5.0, truth_against_given) and span["T1"]["WM"][1] > max(5.0, truth_against_given)
     assert all(low <= 0 <= high for tissues in span.values() for low, high in tissues.values())
     # a protocol outside the training ranges keeps the network's gains, and says why
-    ranges = {s: dict(r) for s, r in physics.PROTOCOL_RANGES.items()}
-    ranges["FLAIR"]["TI"] = (1500.0, 2000.0)  # the case's TI is 2500 ms
-    guarded = PhysicsRefined(calibrate=True, ranges=ranges)(data)
+    guarded = PhysicsRefined(calibrate=True, ranges=_ranges_without_the_case_flair_ti())(data)
     assert guarded["refinement"]["calibration"] is None and "outside" in guarded["refinement"]["calibration_note"]
     assert "calibration_span_pct" not in guarded["refinement"]
     assert guarded["refinement"]["gains_per_pu"] == plain["refinement"]["gains_per_pu"]
@@ -360,22 +358,37 @@ def test_scalp_fat_signals_keep_the_series_ratios_through_bias_field_and_air():
     assert scalp_signals(volumes * ~fat, brain, (1.0, 1.0, 1.0)) is None  # no scalp in the field of view
 
 
+def _scalp_fat_case(values: int, noise: float = 0.1):
+    """``_refinement_case`` of scalp fat, an air gap, then WM, GM and CSF (slabs of 3, 4, 5, 4, 4) at ``values``
+    of each of their ranges (0: lowest, 1: highest, 0.5: the middle), inside a brain mask that leaves the fat and
+    the air out (the fat lies 5-7 mm beyond it)."""
+    from scripts.phantom import TISSUE_RANGES
+
+    tissues = [[lo + values * (hi - lo) for lo, hi in TISSUE_RANGES[t]] for t in (3, 2, 1)]
+    fat, air = (380.0, 115.0, 90.0), (1000.0, 100.0, 0.0)
+    data, truth = _refinement_case(values=[fat, air, *tissues], slabs=(3, 4, 5, 4, 4), noise=noise)
+    data["brain_mask"] = torch.zeros(1, 20, 10, 10)
+    data["brain_mask"][:, 7:] = 1
+    return data, truth
+
+
+def _ranges_without_the_case_flair_ti() -> dict:
+    """The training ranges with FLAIR's TI range below ``_refinement_case``'s 2500 ms: its protocol out of range."""
+    ranges = {s: dict(r) for s, r in physics.PROTOCOL_RANGES.items()}
+    ranges["FLAIR"]["TI"] = (1500.0, 2000.0)
+    return ranges
+
+
 def test_scalp_fat_pins_gains_the_brain_tissues_leave_open():
     """WM, GM and CSF at the top of their ranges under a network whose T2w gain is 12 % high and FLAIR gain 8 % low,
     with scalp fat beyond an air gap: the brain's tissues alone put the prior's middle guess on WM (T1 several % low,
     in a span over 10 % wide); held with the fat WM's T1 comes back within 2 % and the span narrows, also under a
     protocol outside the training ranges, where the brain's tissues alone do not calibrate."""
-    from scripts.phantom import TISSUE_RANGES
-
-    highest = [[r[1] for r in TISSUE_RANGES[t]] for t in (3, 2, 1)]
-    fat, air = (380.0, 115.0, 90.0), (1000.0, 100.0, 0.0)
-    data, truth = _refinement_case(values=[fat, air, *highest], slabs=(3, 4, 5, 4, 4))
+    data, truth = _scalp_fat_case(values=1)
     protocol = physics.normalize_parameters(data["params"].numpy(), inverse=True)
     images = np.stack([data[f"{s}_grid"][0].numpy().reshape(-1) for s in physics.SERIES]).astype(np.float64)
     wrong = np.array([20.0, 15.0 * 1.12, 30.0 * 0.92])
     data["pred"] = torch.from_numpy(physics.fit_maps(images, protocol, wrong).reshape(truth.shape).astype(np.float32))
-    data["brain_mask"] = torch.zeros(1, 20, 10, 10)
-    data["brain_mask"][:, 7:] = 1  # the fat lies 5-7 mm beyond it
     wm = np.zeros(truth.shape[1:], dtype=bool)
     wm[7:12] = True
 
@@ -391,12 +404,10 @@ def test_scalp_fat_pins_gains_the_brain_tissues_leave_open():
     assert abs(wm_t1_bias(with_fat)) < 2
     low_fat, high_fat = with_fat["refinement"]["calibration_span_pct"]["T1"]["WM"]
     assert high_fat - low_fat < (high - low) / 5  # -9.4..+5.5 % without the fat, -0.6..+0.6 % with it
-    # under a protocol outside the training ranges the fat still calibrates, without the level correction
-    ranges = {s: dict(r) for s, r in physics.PROTOCOL_RANGES.items()}
-    ranges["FLAIR"]["TI"] = (1500.0, 2000.0)  # the case's TI is 2500 ms
+    # under a protocol outside the training ranges the fat still calibrates
+    ranges = _ranges_without_the_case_flair_ti()
     outside = PhysicsRefined(calibrate=True, scalp_fat=True, ranges=ranges)(data)
     assert outside["refinement"]["calibration_references"] == ["WM", "GM", "CSF", "scalp fat"]
-    assert "no level correction" in outside["refinement"]["calibration_note"]
     assert outside["refinement"]["gains_per_pu"] == with_fat["refinement"]["gains_per_pu"]
     assert abs(wm_t1_bias(outside)) < 2
     # fat that no gains reconcile with the brain (T1 1000 ms: not fat) leaves the brain's tissues to calibrate alone
@@ -409,6 +420,35 @@ def test_scalp_fat_pins_gains_the_brain_tissues_leave_open():
     unheld = PhysicsRefined(calibrate=True, scalp_fat=True, ranges=ranges)(data)
     assert unheld["refinement"]["calibration"] is None and "no scalp fat" in unheld["refinement"]["calibration_note"]
     assert unheld["refinement"]["gains_per_pu"] == pytest.approx(PhysicsRefined()(data)["refinement"]["gains_per_pu"])
+
+
+def test_out_of_range_refinement_keeps_the_network_t2_contrast_and_its_own_prior_width():
+    """A network whose WM T2 reads 8 % high and GM T2 8 % low (no gains explain both), at WM SNR about 30: in range
+    the level correction takes the WM/GM T2 contrast back to the images' (within 3 %); under a protocol outside the
+    training ranges T2 is not level-corrected and, held by the out-of-range prior width, keeps the network's
+    contrast (within 2 %), while the calibration still runs on the fat."""
+    data, truth = _scalp_fat_case(values=0.5, noise=20.0)
+    data["pred"][1, 7:12] *= 1.08
+    data["pred"][1, 12:16] /= 1.08
+    wm, gm = (np.arange(20) >= 7) & (np.arange(20) < 12), (np.arange(20) >= 12) & (np.arange(20) < 16)
+
+    def t2_contrast(maps):
+        return float(maps[1, wm].mean() / maps[1, gm].mean())
+
+    network, true = t2_contrast(data["pred"].numpy()), t2_contrast(truth)
+    refine = PhysicsRefined(calibrate=True, scalp_fat=True, prior_width=(0.1, 0.3, 0.03),
+                            out_of_range_prior_width=(0.1, 0.01, 0.03))  # fmt: skip
+    inside = refine(data)
+    refine.ranges = _ranges_without_the_case_flair_ti()
+    outside = refine(data)
+    assert network / true == pytest.approx(1.08**2, rel=1e-3)
+    assert t2_contrast(inside["pred"].numpy()) == pytest.approx(true, rel=0.03)
+    assert t2_contrast(outside["pred"].numpy()) == pytest.approx(network, rel=0.02)
+    assert inside["refinement"]["prior_width_log"] == [0.1, 0.3, 0.03]
+    assert outside["refinement"]["prior_width_log"] == [0.1, 0.01, 0.03]
+    assert outside["refinement"]["calibration_references"] == ["WM", "GM", "CSF", "scalp fat"]
+    assert outside["refinement"]["calibration_note"] == "protocol outside the training ranges: T2 not level-corrected"
+    assert "calibration_note" not in inside["refinement"]
 
 
 def test_fat_held_calibration_widens_the_brain_ranges_for_a_tissue_past_their_edge():

@@ -100,13 +100,12 @@ def network_maps(
     refine: bool,
     study: Path,
     out: Path,
-    prior_width=None,
     flags: dict[str, bool | str] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Run the README's inference command on ``study``; return the maps (3, ...) and the report.
 
-    ``prior_width`` (3,) overrides the refinement's ``refine_prior_width`` (None: the bundle's); ``flags`` set
-    other arguments (e.g. ``{"refine_calibrate": False}``: ``--refine_calibrate false``; ``{"mask": path}``)."""
+    ``flags`` set other arguments (e.g. ``{"refine_calibrate": False}``: ``--refine_calibrate false``;
+    ``{"mask": path}``; ``{"refine_prior_width": "[1,1,1]"}``)."""
     configs = ["train.json", *([overlay] if overlay else [])]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
            str(BUNDLE / "configs" / "inference.json"), "--study_dir", str(study / "dicom"), "--output_dir", str(out),
@@ -114,8 +113,6 @@ def network_maps(
            "--refine", str(refine).lower()]  # fmt: skip
     for flag, value in (flags or {}).items():
         cmd += [f"--{flag}", str(value).lower() if isinstance(value, bool) else str(value)]
-    if prior_width is not None:
-        cmd += ["--refine_prior_width", json.dumps(list(prior_width))]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:

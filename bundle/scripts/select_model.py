@@ -31,8 +31,9 @@ holding the scalp's fat to its prior in the calibration. ``--smoothing T1,T2,PD`
 (repeatable, mm) ranks the widths over which the refinement averages each map's move from the prior
 (``refine_smoothing_mm``).
 
-``--out-of-range`` ranks on other heads under the out-of-range protocol (``VALIDATION_OUT_OF_RANGE``) instead,
-for choosing what the pipeline does there, e.g. its prior widths, without looking at the evaluation's.
+``--out-of-range`` ranks on other heads under two out-of-range protocols (``VALIDATION_OUT_OF_RANGE``) instead,
+for choosing what the pipeline does there without looking at the evaluation's; its ``--prior-width`` candidates
+are the widths under such a protocol (``refine_out_of_range_prior_width``).
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def rank(
     heads=None,
     without=(),
     true_mask: bool = False,
+    width_key: str = "refine_prior_width",
 ) -> list[dict]:
     """Score every candidate (checkpoint x refinement prior width; None: the bundle's) on every validation study.
 
@@ -160,6 +162,7 @@ def rank(
     ``clinical_studies.ACQUISITION_FACTORS`` (e.g. ``("noise",)``), in ``studies_without_<factors>`` and
     ``maps_without_<factors>``: what each part of the acquisition does to the maps. ``true_mask``: every study
     mapped inside its true brain mask (``--mask``) instead of the one the pipeline finds, maps in ``*_true_mask``.
+    ``width_key``: the ``inference.json`` key that ``prior_widths`` set (the widths that apply to ``heads``).
 
     ``reuse``: score the maps an earlier run left in ``work`` where they were made by the same weights and
     refinement (the code that made them is taken to be today's). Rows sorted by ``error`` (best first)."""
@@ -167,7 +170,7 @@ def rank(
     studies = write_studies(work / f"studies{kind}", heads or VALIDATION_STUDIES, without=without)  # the missing ones
     truths = {s.name: _truth(s) for s in studies}
     bundle = json.loads((BUNDLE / "configs" / "inference.json").read_text())
-    bundle_widths, bundle_smoothing = bundle["refine_prior_width"], bundle["refine_smoothing_mm"]
+    bundle_widths, bundle_smoothing = bundle[width_key], bundle["refine_smoothing_mm"]
     rows = []
     pairs = list(
         itertools.product(
@@ -210,8 +213,8 @@ def rank(
                     refine,
                     study,
                     out,
-                    width,
                     switches
+                    | ({width_key: json.dumps(list(width))} if width is not None else {})
                     | ({"mask": study / "truth" / "mask.nii.gz"} if true_mask else {})
                     | ({"refine_smoothing_mm": json.dumps(list(smoothing))} if smoothing is not None else {}),
                 )
@@ -263,7 +266,8 @@ def main(argv=None) -> None:
     parser.add_argument("--overlay", help="training-config overlay of the candidates, e.g. train_unet.json")
     parser.add_argument("--refine", choices=("true", "false"), default="true", help="physics refinement")
     parser.add_argument("--prior-width", action="append", type=_widths, metavar="T1,T2,PD",
-                        help="refinement prior widths (log units), repeatable (default: the bundle's)")  # fmt: skip
+                        help="refinement prior widths (log units), repeatable (default: the bundle's; with "
+                             "--out-of-range: the widths under such a protocol)")  # fmt: skip
     parser.add_argument("--calibrate", choices=("off", "on", "both"), default="on",
                         help="per-study gain calibration (both: each candidate with and without)")  # fmt: skip
     parser.add_argument("--partial-volume", choices=("off", "on", "both"), default="on",
@@ -291,9 +295,10 @@ def main(argv=None) -> None:
     calibrations, partial_volumes = switch[args.calibrate], switch[args.partial_volume]
     water_fractions, scalp_fats = switch[args.water_fraction], switch[args.scalp_fat]
     heads = VALIDATION_OUT_OF_RANGE if args.out_of_range else VALIDATION_STUDIES
+    width_key = "refine_out_of_range_prior_width" if args.out_of_range else "refine_prior_width"
     rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations,
                 partial_volumes, water_fractions, args.smoothing or (None,), scalp_fats, heads, args.without,
-                args.true_mask)  # fmt: skip
+                args.true_mask, width_key)  # fmt: skip
     args.work.mkdir(parents=True, exist_ok=True)
     kind = without_suffix(args.without)
     table = args.work / f"selection{'_out_of_range' * args.out_of_range}{kind}{'_true_mask' * args.true_mask}.csv"

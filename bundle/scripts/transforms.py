@@ -551,9 +551,10 @@ class PhysicsRefined(MapTransform):
     ratios, and so WM T1, open by tens of % on some heads.
     Under a protocol outside the training ``ranges`` the network's maps, which pick the voxels each tissue is
     sampled from, are the least reliable, and calibrating on the brain's tissues alone there made the evaluation's
-    out-of-range studies worse: the calibration runs only where the scalp's fat holds it, and without the level
-    correction (with it GM T2 read +11 % on the out-of-range validation heads, without it +5 %); elsewhere the
-    network's gains stay.
+    out-of-range studies worse: the calibration runs only where the scalp's fat holds it (elsewhere the network's
+    gains stay), and its level correction moves T1 and PD but not T2, which the fit is held to more tightly there
+    (``out_of_range_prior_width``): an out-of-range protocol may leave T2 weakly encoded (a T2w TE of 40 ms, half
+    of WM's T2), and there the loose fit's T2 levels took GM T2 +11 % on the validation heads.
 
     With ``partial_volume``, T2w and FLAIR are fitted as acquired on their own grids: each is moved by what its
     acquisition (slice profile, position, gaps) and the resampling onto this grid do to the network's
@@ -572,6 +573,8 @@ class PhysicsRefined(MapTransform):
         prior_width: (3,) prior standard deviations of log T1, log T2, log PD: how far the network's maps may be
             off (0.1 = 10 %). The bundle sets them in ``inference.json`` (``refine_prior_width``), chosen on
             clinical-like validation heads with ``scripts/select_model.py``; 1.0 lets the images decide.
+        out_of_range_prior_width: (3,) the same under a protocol outside ``ranges`` (None: ``prior_width``);
+            ``refine_out_of_range_prior_width``, chosen with ``select_model.py --out-of-range``.
         tissue_t1_ms: voxels whose network T1 is below this set the gains and noise (not CSF).
         iterations: Levenberg-Marquardt iterations from the prior.
         enabled: False passes the network's maps through unchanged (``info_key`` says so).
@@ -608,6 +611,7 @@ class PhysicsRefined(MapTransform):
         brain_key: str | None = None,
         info_key: str = "refinement",
         prior_width: Sequence[float] = (1.0, 1.0, 1.0),
+        out_of_range_prior_width: Sequence[float] | None = None,
         tissue_t1_ms: float = 2000.0,
         iterations: int = 10,
         enabled: bool = True,
@@ -631,6 +635,9 @@ class PhysicsRefined(MapTransform):
             info_key,
         )
         self.prior_width, self.tissue_t1_ms, self.iterations = tuple(prior_width), tissue_t1_ms, iterations
+        self.out_of_range_prior_width = (
+            self.prior_width if out_of_range_prior_width is None else tuple(out_of_range_prior_width)
+        )
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -647,6 +654,8 @@ class PhysicsRefined(MapTransform):
         images = volumes[:, inside]
         params = physics.normalize_parameters(convert_to_numpy(d[self.params_key], dtype=np.float64), inverse=True)
         params = params.reshape(3, 3)
+        out_of_range = bool(physics.protocol_violations(params, self.ranges))
+        width = self.out_of_range_prior_width if out_of_range else self.prior_width
         synth = physics.synthesize(prior, params)
         tissue = (prior[0] < self.tissue_t1_ms) & np.all(synth > 0, axis=0) & brain
         if tissue.sum() < 100:
@@ -663,8 +672,9 @@ class PhysicsRefined(MapTransform):
             seen = partial_volume.corrected_images(volumes, predicted, inside, grid, acquired)
         calibrated = {}
         if self.calibrate:
+            grid_volumes = (volumes, brain_volume, spacing)
             prior, gains, calibrated = self._calibrated(
-                prior, synth, images, seen, gains, noise_counts, params, brain, (volumes, brain_volume, spacing)
+                prior, synth, images, seen, gains, noise_counts, params, brain, grid_volumes, out_of_range
             )
         noise = _noise_pu(noise_counts, gains)
         water = {}
@@ -676,7 +686,7 @@ class PhysicsRefined(MapTransform):
             water = {"water_fraction": {"lowered_pct": round(float(100 * lowered.mean()), 2),
                                         "median": round(float(np.median(fraction[lowered])), 3)
                                         if lowered.any() else 1.0}}  # fmt: skip
-        refined = physics.fit_maps(seen, params, gains, prior=prior, prior_width=self.prior_width, noise=noise,
+        refined = physics.fit_maps(seen, params, gains, prior=prior, prior_width=width, noise=noise,
                                    iterations=self.iterations)  # fmt: skip
         if any(self.smoothing_mm):
             refined = smoothed_moves(refined, prior, inside, np.outer(self.smoothing_mm, 1 / spacing))
@@ -692,7 +702,7 @@ class PhysicsRefined(MapTransform):
             "enabled": True,
             "gains_per_pu": gains.round(6).tolist(),
             **calibrated,
-            "prior_width_log": list(self.prior_width),
+            "prior_width_log": list(width),
             "partial_volume": self.partial_volume,
             "scalp_fat": self.calibrate and self.scalp_fat,
             **({"partial_volume_pct": _change_pct(seen, images)} if self.partial_volume else {}),
@@ -704,16 +714,15 @@ class PhysicsRefined(MapTransform):
         }
         return d
 
-    def _calibrated(self, prior, synth, images, seen, gains, noise_counts, params, brain, grid_volumes):
+    def _calibrated(self, prior, synth, images, seen, gains, noise_counts, params, brain, grid_volumes, out_of_range):
         """The per-study gain calibration (class docstring): (prior, gains, report entries) for the refinement;
         where it does not apply, the network's prior and gains, ``calibration`` None and a note saying why. The
         gains come from tissue medians of the ``images`` in the ``brain`` and, with ``scalp_fat``, the fat sampled
         in ``grid_volumes`` (the series' whole volumes, the brain mask on that grid and its spacing: the scalp
-        lies outside the mapped voxels); the level correction (in range only) fits the images as the fits see them
-        (``seen``), measures the levels in the ``brain`` and moves every voxel.
+        lies outside the mapped voxels); the level correction fits the images as the fits see them (``seen``),
+        measures the levels in the ``brain`` and moves every voxel (``out_of_range``: T1 and PD only).
         ``calibration_span_pct``: the lowest and highest WM and GM value of each map among the explanations the
         tissue prior allows, % of the calibrated value: what the images leave open."""
-        out_of_range = bool(physics.protocol_violations(params, self.ranges))
         if out_of_range and not self.scalp_fat:
             return prior, gains, {"calibration": None, "calibration_note": "protocol outside the training ranges: "
                                   "the network's gains kept"}  # fmt: skip
@@ -751,12 +760,13 @@ class PhysicsRefined(MapTransform):
                                      prior_width=(1e3,) * 3, noise=np.ones(3), iterations=20)  # fmt: skip
         info = {"calibration": factors.round(4).tolist(), "calibration_references": references, **fat,
                 "calibration_span_pct": span}  # fmt: skip
-        if out_of_range:
-            info["calibration_note"] = "protocol outside the training ranges: no level correction"
-            return explained, gains, info
         loose = physics.fit_maps(seen, params, gains, prior=explained, prior_width=(1.0,) * 3,
                                  noise=_noise_pu(noise_counts, gains), iterations=self.iterations)  # fmt: skip
-        return calibration.level_corrected(explained, loose, sample=brain), gains, info
+        corrected = calibration.level_corrected(explained, loose, sample=brain)
+        if out_of_range:
+            corrected[1] = explained[1]
+            info["calibration_note"] = "protocol outside the training ranges: T2 not level-corrected"
+        return corrected, gains, info
 
 
 def smoothed_moves(refined: np.ndarray, prior: np.ndarray, inside: np.ndarray, sigma) -> np.ndarray:
