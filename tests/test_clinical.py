@@ -334,6 +334,15 @@ def test_model_selection_reuses_only_maps_of_the_same_weights(tmp_path, monkeypa
     # without a calibration the fat takes part in nothing: no suffix of its own
     select_model.rank(["a.pt"], tmp_path, reuse=True, calibrations=(False,), scalp_fats=(False,))
     assert folders[-1] == "maps/a.pt_no_calibration/val-philips"
+    # ranked for out-of-range heads, the bundle's widths are the out-of-range ones: a.pt's maps, made with the
+    # in-range widths, are not theirs; a candidate width sets refine_out_of_range_prior_width
+    out_of_range = "refine_out_of_range_prior_width"
+    assert bundle[out_of_range] != widths
+    before = len(mapped)
+    select_model.rank(["a.pt"], tmp_path, reuse=True, width_key=out_of_range)
+    assert mapped[before:] == ["a.pt"] and folders[-1] == "maps/a.pt/val-philips"
+    select_model.rank(["a.pt"], tmp_path, prior_widths=((0.1, 0.2, 0.03),), width_key=out_of_range)
+    assert json.loads(flags_seen[-1][out_of_range]) == [0.1, 0.2, 0.03] and "refine_prior_width" not in flags_seen[-1]
 
 
 def test_other_gains_explain_the_images_exactly_with_other_maps(study):
