@@ -358,7 +358,7 @@ def test_scalp_fat_signals_keep_the_series_ratios_through_bias_field_and_air():
     assert scalp_signals(volumes * ~fat, brain, (1.0, 1.0, 1.0)) is None  # no scalp in the field of view
 
 
-def _scalp_fat_case(values: int, noise: float = 0.1):
+def _scalp_fat_case(values: float, noise: float = 0.1):
     """``_refinement_case`` of scalp fat, an air gap, then WM, GM and CSF (slabs of 3, 4, 5, 4, 4) at ``values``
     of each of their ranges (0: lowest, 1: highest, 0.5: the middle), inside a brain mask that leaves the fat and
     the air out (the fat lies 5-7 mm beyond it)."""
@@ -423,7 +423,7 @@ def test_scalp_fat_pins_gains_the_brain_tissues_leave_open():
 
 
 def test_out_of_range_refinement_keeps_the_network_t2_contrast_and_its_own_prior_width():
-    """A network whose WM T2 reads 8 % high and GM T2 8 % low (no gains explain both), at WM SNR about 30: in range
+    """A network whose WM T2 reads 8 % high and GM T2 8 % low (no gains explain both), at WM SNR 14-28: in range
     the level correction takes the WM/GM T2 contrast back to the images' (within 3 %); under a protocol outside the
     training ranges T2 is not level-corrected and, held by the out-of-range prior width, keeps the network's
     contrast (within 2 %), while the calibration still runs on the fat."""
