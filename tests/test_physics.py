@@ -111,9 +111,17 @@ def test_fit_jacobian_is_the_derivative_of_the_signal():
 
 def test_fit_equals_the_previous_implementation():
     """The analytic-Jacobian fit against the finite-difference one it replaced (revision c73943b), whose results on
-    ``_refinement_case()`` are stored: within 0.1 % in every voxel (0.016 % at most on a 918k-voxel study)."""
+    ``_refinement_case()`` are stored: within 0.1 % in every voxel (0.016 % at most on a 918k-voxel study) where
+    the stored fit stayed well below today's ceilings (``FIT_BOUNDS``; they were 10000 and 5000 ms then: a voxel
+    near one may have touched it on its way), and at the ceiling where it went past them."""
     expected = np.load(Path(__file__).parent / "reference" / "fit_maps_c73943b.npz")
     case = _refinement_case()
-    np.testing.assert_allclose(physics.fit_maps(**case), expected["map"], rtol=1e-3)
     without_prior = {k: case[k] for k in ("images", "params", "gains")}
-    np.testing.assert_allclose(physics.fit_maps(**without_prior, chunk=500), expected["solve"], rtol=1e-3)
+    ceiling = np.array([physics.FIT_BOUNDS[m][1] for m in physics.MAPS])[:, None]
+    for fitted, stored in ((physics.fit_maps(**case), expected["map"]),
+                           (physics.fit_maps(**without_prior, chunk=500), expected["solve"])):  # fmt: skip
+        past = stored >= ceiling
+        below = np.all(stored < 0.8 * ceiling, axis=0)
+        assert 0 < past.sum() and below.mean() > 0.6
+        np.testing.assert_allclose(fitted[:, below], stored[:, below], rtol=1e-3)
+        np.testing.assert_allclose(fitted[past], np.broadcast_to(ceiling, stored.shape)[past], rtol=1e-6)

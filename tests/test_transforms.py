@@ -250,6 +250,19 @@ def test_physics_refinement_recovers_tissue_t1_from_a_perturbed_prior():
     assert off["refinement"] == {"enabled": False} and torch.equal(off["pred"], data["pred"])
 
 
+def test_physics_refinement_stops_csf_whose_t2w_signal_no_t2_explains_at_the_ceiling_and_reports_it():
+    """CSF's T2w signal 30 % above what its values give (as under a T2w gain 30 % off for it): no T2 explains it, so
+    the fit stops at its ceiling, free water's 2500 ms (5000 ms before), and the report gives the share of brain
+    voxels left there: the CSF slabs, 4 of 20. WM and GM keep their values."""
+    data, truth = _refinement_case()
+    csf = truth[0] > 2000
+    data["T2w_grid"][0][torch.from_numpy(csf)] *= 1.3
+    out = PhysicsRefined(prior_width=(0.1, 0.1, 0.03))(data)
+    assert out["pred"][1].numpy()[csf] == pytest.approx(2500.0)
+    assert np.abs(out["pred"].numpy()[:, ~csf] / truth[:, ~csf] - 1).max() < 0.01
+    assert out["refinement"]["at_fit_ceiling_pct"] == {"T1": 0.0, "T2": 20.0}
+
+
 def test_level_correction_takes_each_level_from_the_images_and_the_detail_from_the_network():
     """A network prior with GM's T1 8 % low and WM's PD 5 % high, and a fit under the right gains that is
     right on average but 10 % noisy per voxel: each level's values come from the fit, the voxels' from the prior."""

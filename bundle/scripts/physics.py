@@ -136,8 +136,12 @@ def protocol_violations(params, ranges=None) -> list[str]:
     return problems
 
 
-#: Bounds of the voxel-wise fit: T1 (ms), T2 (ms), PD (p.u.).
-FIT_BOUNDS = {"T1": (50.0, 10000.0), "T2": (5.0, 5000.0), "PD": (0.1, 200.0)}
+#: Bounds of the voxel-wise fit: T1 (ms), T2 (ms), PD (p.u.). The ceilings are those of free water at body
+#: temperature with a margin (CSF, the slowest-relaxing water in a head: up to 4800 and 2200 ms in the tissue prior,
+#: ``phantom.TISSUE_RANGES``), which are also the network's target scales (``MAP_SCALE``). A fit pushed past them
+#: explains a gain or a partial volume, not a tissue: with ceilings of 10000 and 5000 ms, CSF whose T2w signal the
+#: calibrated gains left above what any T2 explains read T2 5000 ms on six of the twenty validation heads.
+FIT_BOUNDS = {"T1": (50.0, MAP_SCALE[0]), "T2": (5.0, MAP_SCALE[1]), "PD": (0.1, 200.0)}
 
 
 def fit_maps(

@@ -569,7 +569,9 @@ class PhysicsRefined(MapTransform):
         brain_key: the brain mask, when ``mask_key`` reaches beyond it: only its voxels set the gains, the noise,
             the calibration and the level correction's levels (a rim of skull and scalp would pull them), and the
             residuals reported; the rim is fitted like the rest. None: every voxel of ``mask_key``.
-        info_key: where a summary for the report goes (gains, noise, median change per map from the network's).
+        info_key: where a summary for the report goes (gains, noise, median change per map from the network's, the
+            share of brain voxels whose T1 or T2 the fit left at its ceiling, ``physics.FIT_BOUNDS``: images no
+            tissue explains under the gains, e.g. CSF with its gain ratios off).
         prior_width: (3,) prior standard deviations of log T1, log T2, log PD: how far the network's maps may be
             off (0.1 = 10 %). The bundle sets them in ``inference.json`` (``refine_prior_width``), chosen on
             clinical-like validation heads with ``scripts/select_model.py``; 1.0 lets the images decide.
@@ -694,6 +696,8 @@ class PhysicsRefined(MapTransform):
         out[:, torch.from_numpy(inside)] = torch.as_tensor(refined, dtype=out.dtype)
         d[key] = out
         change = np.median(np.abs(refined[:, tissue] / network[:, tissue] - 1), axis=1)
+        ceiling = np.array([physics.FIT_BOUNDS[m][1] for m in physics.MAPS[:2]])
+        at_ceiling = 100 * (refined[:2, brain] >= ceiling[:, None] * (1 - 1e-6)).mean(axis=1)
         residual = {
             "network": _residual_pct(synth[:, brain], seen[:, brain]),
             "refined": _residual_pct(physics.synthesize(refined[:, brain], params), seen[:, brain]),
@@ -710,6 +714,7 @@ class PhysicsRefined(MapTransform):
             "noise_pu": noise.round(6).tolist(),
             "smoothing_mm": list(self.smoothing_mm),
             "median_change_in_tissue_pct": dict(zip(physics.MAPS, (100 * change).round(2).tolist(), strict=True)),
+            "at_fit_ceiling_pct": dict(zip(physics.MAPS[:2], at_ceiling.round(2).tolist(), strict=True)),
             "residual_pct": residual,
         }
         return d
