@@ -145,6 +145,20 @@ def test_oracle_fit_on_noise_free_images_has_no_bias(study):
         assert figures[name]["mpe"] < 0.01
 
 
+def test_fits_are_reused_only_under_the_same_bounds(study, tmp_path, monkeypatch):
+    _, labels = clinical_eval._truth(study)
+    mask = labels == 3
+    fits = []
+    monkeypatch.setattr(physics, "fit_maps", lambda *a, **k: fits.append(1) or np.full((3, mask.sum()), 500.0))
+    cache = tmp_path / "oracle_fit.npz"
+    first, _ = clinical_eval.fitted_maps(study, mask, True, cache)
+    again, _ = clinical_eval.fitted_maps(study, mask, True, cache)
+    assert len(fits) == 1 and np.array_equal(first, again)
+    monkeypatch.setitem(physics.FIT_BOUNDS, "T2", (5.0, 5000.0))
+    clinical_eval.fitted_maps(study, mask, True, cache)
+    assert len(fits) == 2
+
+
 def test_network_grid_round_trip_keeps_constants_and_blurs_edges(study):
     """The reference 'truth via network grid': back on the T1w grid exactly, partial volume at tissue edges."""
     truth, labels = clinical_eval._truth(study)

@@ -131,11 +131,14 @@ def read_maps(out: Path) -> tuple[np.ndarray, dict]:
 def fitted_maps(study: Path, mask: np.ndarray, oracle: bool, cache: Path) -> tuple[np.ndarray, dict]:
     """Voxel-wise fit inside ``mask`` on the T1w grid: known gains (oracle) or gains from the median brain.
 
-    The fits do not depend on any network, so they are kept in ``cache`` (an .npz) for the next run.
+    The fits do not depend on any network, so they are kept in ``cache`` (an .npz) for the next run, as long as
+    the fit's bounds are the same (``physics.FIT_BOUNDS``).
     """
     if cache.exists():
         saved = np.load(cache)
-        return saved["maps"], json.loads(str(saved["extra"]))
+        extra = json.loads(str(saved["extra"]))
+        if extra.get("fit_bounds") == json.loads(json.dumps(physics.FIT_BOUNDS)):
+            return saved["maps"], extra
     start = time.perf_counter()
     chosen, _, _ = load_study(study / "dicom")
     t1w = chosen["T1w"]
@@ -153,7 +156,7 @@ def fitted_maps(study: Path, mask: np.ndarray, oracle: bool, cache: Path) -> tup
         gains = np.median(inside, axis=1) / physics.synthesize(np.array(MEDIAN_BRAIN), params)
     maps = np.zeros((3, *mask.shape), dtype=np.float32)
     maps[:, mask] = physics.fit_maps(inside, params, gains)
-    extra = {"wall_s": time.perf_counter() - start, "gains": gains.tolist()}
+    extra = {"wall_s": time.perf_counter() - start, "gains": gains.tolist(), "fit_bounds": physics.FIT_BOUNDS}
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(cache, maps=maps, extra=json.dumps(extra))
     return maps, extra
