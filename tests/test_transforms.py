@@ -686,3 +686,11 @@ def test_smoothing_the_moves_averages_the_fits_noise_and_keeps_the_priors_edges(
     prior = np.full((3, inside.sum()), 100.0)
     sigma = np.ones((3, 3))
     np.testing.assert_allclose(smoothed_moves(1.1 * prior, prior, inside, sigma), 1.1 * prior)
+    # every voxel fitted at the T1 ceiling, one from a far lower prior: its large move, averaged into its
+    # neighbours' small ones, would take them past the ceiling (to 5425 ms before the clip)
+    prior[0] = 4500.0
+    prior[0, 0] = 2000.0
+    fitted = prior.copy()
+    fitted[0] = physics.FIT_BOUNDS["T1"][1]
+    smoothed = smoothed_moves(fitted, prior, inside, sigma)
+    assert smoothed[0].max() == physics.FIT_BOUNDS["T1"][1] and smoothed[0, 0] < 4000.0

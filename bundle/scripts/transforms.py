@@ -777,7 +777,9 @@ class PhysicsRefined(MapTransform):
 def smoothed_moves(refined: np.ndarray, prior: np.ndarray, inside: np.ndarray, sigma) -> np.ndarray:
     """``refined`` (3, N) at the voxels ``inside`` with each map's move from ``prior`` (its log ratio) averaged by
     a Gaussian of ``sigma[map]`` voxels per axis ((3, 3); a row of zeros leaves that map as fitted) over the
-    voxels ``inside`` only: the fit's noise is independent from voxel to voxel, the prior's edges are kept."""
+    voxels ``inside`` only: the fit's noise is independent from voxel to voxel, the prior's edges are kept. The
+    averaged maps stay inside the fit's bounds (``physics.FIT_BOUNDS``): voxels fitted at a ceiling beside ones
+    below it would otherwise take an average past it."""
     out, weights = refined.copy(), {}
     for c, width in enumerate(np.asarray(sigma, dtype=np.float64)):
         if not width.any():
@@ -787,7 +789,8 @@ def smoothed_moves(refined: np.ndarray, prior: np.ndarray, inside: np.ndarray, s
             weights[key] = ndimage.gaussian_filter(inside.astype(np.float64), width)[inside]
         move = np.zeros(inside.shape)
         move[inside] = np.log(refined[c] / prior[c])
-        out[c] = prior[c] * np.exp(ndimage.gaussian_filter(move, width)[inside] / weights[key])
+        smoothed = prior[c] * np.exp(ndimage.gaussian_filter(move, width)[inside] / weights[key])
+        out[c] = np.clip(smoothed, *physics.FIT_BOUNDS[physics.MAPS[c]])
     return out
 
 
