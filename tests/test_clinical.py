@@ -224,6 +224,31 @@ def test_invariance_table_ends_with_the_ideal_observers_spread():
     assert len(clinical_eval.invariance_table(rows, ["m"], [ideal[0], {"plausible": 0}])) == 2 + len(physics.MAPS)
 
 
+def test_more_validation_heads_are_other_heads_and_ranked_with_the_twelve(tmp_path, monkeypatch):
+    """``--more-heads`` ranks on the twelve in-range validation heads and twelve more, each with a name and seed
+    no other study has; not with ``--out-of-range``."""
+    from scripts import clinical_studies, select_model
+
+    studies = (clinical_studies.EVALUATION_STUDIES + clinical_studies.VALIDATION_STUDIES
+               + clinical_studies.VALIDATION_MORE + clinical_studies.VALIDATION_OUT_OF_RANGE)  # fmt: skip
+    names, _, seeds = zip(*studies, strict=True)
+    assert len(set(names)) == len(set(seeds)) == len(studies) and clinical_studies.INVARIANCE_SEED not in seeds
+    assert {p for _, p, _ in clinical_studies.VALIDATION_MORE} == {"philips", "siemens", "ge"}
+
+    class RankedError(Exception):
+        pass
+
+    def recording_rank(*args):
+        raise RankedError(args[11])  # the heads
+
+    monkeypatch.setattr(select_model, "rank", recording_rank)
+    with pytest.raises(RankedError) as ranked:
+        select_model.main(["a.pt", "--more-heads", "--work", str(tmp_path)])
+    assert ranked.value.args[0] == clinical_studies.VALIDATION_STUDIES + clinical_studies.VALIDATION_MORE
+    with pytest.raises(SystemExit):
+        select_model.main(["a.pt", "--more-heads", "--out-of-range"])
+
+
 def test_model_selection_ranks_by_roi_bias_and_mpe(tmp_path, monkeypatch):
     """Candidates ranked on validation studies by mean(|WM|, |GM| bias) + MPE: 2 % high everywhere scores 4."""
     from scripts import select_model

@@ -31,6 +31,9 @@ holding the scalp's fat to its prior in the calibration. ``--smoothing T1,T2,PD`
 (repeatable, mm) ranks the widths over which the refinement averages each map's move from the prior
 (``refine_smoothing_mm``).
 
+``--more-heads`` ranks on twenty-four in-range heads, the twelve and twelve more (``VALIDATION_MORE``), for
+telling apart candidates whose difference on the twelve is within noise.
+
 ``--out-of-range`` ranks on other heads under two out-of-range protocols (``VALIDATION_OUT_OF_RANGE``) instead,
 for choosing what the pipeline does there without looking at the evaluation's; its ``--prior-width`` candidates
 are the widths under such a protocol (``refine_out_of_range_prior_width``).
@@ -64,6 +67,7 @@ from scripts.clinical_eval import (  # noqa: E402
 )
 from scripts.clinical_studies import (  # noqa: E402
     ACQUISITION_FACTORS,
+    VALIDATION_MORE,
     VALIDATION_OUT_OF_RANGE,
     VALIDATION_STUDIES,
     without_suffix,
@@ -282,6 +286,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out-of-range", action="store_true",
                         help="rank on the out-of-range validation heads (VALIDATION_OUT_OF_RANGE) instead, "
                              "into selection_out_of_range.csv")  # fmt: skip
+    parser.add_argument("--more-heads", action="store_true",
+                        help="rank on the twelve in-range heads and twelve more (VALIDATION_MORE), for differences "
+                             "within the twelve's noise, into selection_more.csv")  # fmt: skip
     parser.add_argument("--without", action="append", default=[], choices=ACQUISITION_FACTORS,
                         help="the same heads acquired without this part of the acquisition (repeatable), into "
                              "selection_without_<factors>.csv")  # fmt: skip
@@ -294,14 +301,17 @@ def main(argv=None) -> None:
     switch = {"off": (False,), "on": (True,), "both": (False, True)}  # a refinement switch's candidates
     calibrations, partial_volumes = switch[args.calibrate], switch[args.partial_volume]
     water_fractions, scalp_fats = switch[args.water_fraction], switch[args.scalp_fat]
-    heads = VALIDATION_OUT_OF_RANGE if args.out_of_range else VALIDATION_STUDIES
+    if args.out_of_range and args.more_heads:
+        parser.error("--more-heads adds in-range heads: not with --out-of-range")
+    heads = VALIDATION_OUT_OF_RANGE if args.out_of_range else VALIDATION_STUDIES + VALIDATION_MORE * args.more_heads
     width_key = "refine_out_of_range_prior_width" if args.out_of_range else "refine_prior_width"
     rows = rank(args.candidates, args.work, args.overlay, args.refine == "true", widths, args.reuse, calibrations,
                 partial_volumes, water_fractions, args.smoothing or (None,), scalp_fats, heads, args.without,
                 args.true_mask, width_key)  # fmt: skip
     args.work.mkdir(parents=True, exist_ok=True)
     kind = without_suffix(args.without)
-    table = args.work / f"selection{'_out_of_range' * args.out_of_range}{kind}{'_true_mask' * args.true_mask}.csv"
+    scope = "_out_of_range" * args.out_of_range + "_more" * args.more_heads
+    table = args.work / f"selection{scope}{kind}{'_true_mask' * args.true_mask}.csv"
     with table.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
