@@ -102,8 +102,8 @@ def explanations(signals: dict[int, np.ndarray], params, factors: np.ndarray, ti
     in ``tissues``); ``params`` (3, 3) the protocol; ``factors`` (3, G) gain factors (the signals are divided by
     them); ``widenings``: fractions by which the brain tissues' ranges (not the fat's) are widened either way, in
     turn. Yields, per widening, ``plausible`` (G,), ``fitted`` (3 maps, WM GM, G) and the common PD scales
-    [``low``, ``high``] (G,) that put WM and GM PD (and pure CSF's, when in ``tissues``) inside their ranges (true
-    PD = fitted PD / scale); the tissues are fitted once, the ranges checked per widening.
+    [``low``, ``high``] (G,) that put WM and GM PD inside their ranges (true PD = fitted PD / scale); the tissues
+    are fitted once, the ranges checked per widening.
     """
     images = np.stack([signals[WM], signals[GM]], axis=1)[:, :, None] / factors[:, None]
     fitted = physics.fit_maps(images.reshape(3, -1), params, np.ones(3), iterations=30).reshape(images.shape)
@@ -120,8 +120,7 @@ def explanations(signals: dict[int, np.ndarray], params, factors: np.ndarray, ti
         plausible &= (low <= high) & fat
         if CSF in tissues:
             csf_ranges = _widened(TISSUE_RANGES[CSF], widening)
-            low, high = _csf_pd_scales(signals[CSF], params, factors, low, high, csf_ranges)
-            plausible &= low <= high
+            plausible &= _csf_plausible(signals[CSF], params, factors, low, high, csf_ranges)
         yield plausible, fitted, low, high
 
 
@@ -237,24 +236,19 @@ def _fat_plausible(fat, params, factors) -> np.ndarray:
     return plausible
 
 
-def _csf_pd_scales(csf, params, factors, low, high, ranges, tolerance: float = 0.01, chunk: int = 1024):
-    """The common PD scales [``low``, ``high``] (G,) narrowed to those under which some explanation of pure CSF's
-    T1w and T2w signals (``factors`` (3, G)) lies inside its ``ranges`` (T1, T2, PD): some (T1, T2) in them explains
-    T1w to ``tolerance`` with the PD that explains T2w, and the scale puts that PD in range. Empty (low > high)
-    where none does. CSF is the usual PD reference of quantitative MRI: its water is nearly pure (95-100 p.u.), a
-    narrower range than WM's and GM's, so where its T1w and T2w pin its T1 and T2 it holds the scale closer than they
-    do (the model card's *CSF as the PD reference*)."""
+def _csf_plausible(csf, params, factors, low, high, ranges, tolerance: float = 0.01, chunk: int = 1024) -> np.ndarray:
+    """Which gain factor triples (3, G) explain pure CSF's T1w and T2w signals with values inside its ``ranges``
+    (T1, T2, PD): some (T1, T2) in them explains T1w to ``tolerance`` with the PD that explains T2w, and a common
+    PD scale in [``low``, ``high``] (WM's and GM's) puts that PD in range."""
     t1_range, t2_range, pd_range = ranges
     t1, t2 = (g.ravel() for g in np.meshgrid(np.linspace(*t1_range, 60), np.linspace(*t2_range, 20), indexing="ij"))
     shape_t1w, shape_t2w = (physics.signal(1.0, t1, t2, *params[k]) for k in (0, 1))
     measured = np.asarray(csf, dtype=np.float64)[:2, None] / factors[:2]  # (T1w T2w, G)
-    narrowed_low, narrowed_high = np.full(factors.shape[1], np.inf), np.full(factors.shape[1], -np.inf)
+    plausible = np.zeros(factors.shape[1], dtype=bool)
     for start in range(0, factors.shape[1], chunk):  # (chunk, candidates) arrays: a few MB, not a few hundred
         part = slice(start, start + chunk)
         pd = measured[1, part, None] / shape_t2w
         explains = np.abs(pd * shape_t1w / measured[0, part, None] - 1) < tolerance
-        lo, hi = np.maximum(low[part, None], pd / pd_range[1]), np.minimum(high[part, None], pd / pd_range[0])
-        kept = explains & (lo <= hi)
-        narrowed_low[part] = np.where(kept, lo, np.inf).min(axis=1)
-        narrowed_high[part] = np.where(kept, hi, -np.inf).max(axis=1)
-    return narrowed_low, narrowed_high
+        in_range = np.maximum(low[part, None], pd / pd_range[1]) <= np.minimum(high[part, None], pd / pd_range[0])
+        plausible[part] = np.any(explains & in_range, axis=1)
+    return plausible
