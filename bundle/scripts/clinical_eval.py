@@ -593,6 +593,7 @@ def main(argv=None) -> None:
     text = RESULTS.format(
         command=command, hardware=_hardware(), minutes=minutes,
         studies=", ".join(f"{s} ({FAMILY[s]})" for s in FAMILY),
+        first_note=" (the first is the shipped pipeline; its figures go to `metadata.json`)" if args.metadata else "",
         methods="\n".join(f"- *{name}*: `{os.path.relpath(ckpt)}`, training configs "
                           f"train.json{' + ' + overlay if overlay else ''}, physics refinement "
                           f"{_refinement(refine, flags)}" for name, (ckpt, overlay, refine, flags)
@@ -652,7 +653,7 @@ selection. Every network map comes from the literal `python -m monai.bundle run 
 pipeline's own deepbet brain mask; all methods are scored on the T1w grid against the true maps, inside the
 true labels. Studies: {studies}.
 
-Networks evaluated (the first is the shipped pipeline; its figures go to `metadata.json`):
+Networks evaluated{first_note}:
 
 {methods}
 
